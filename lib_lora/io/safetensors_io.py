@@ -1,0 +1,211 @@
+"""Load and save `.safetensors` files: loads are validated before any tensor is built, saves are atomic.
+
+Pickle-based files (.ckpt/.pt/.bin/.pth) are never unpickled with arbitrary code: they are read with
+`torch.load(weights_only=True)` or refused with a message saying how to convert them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save_file as st_save_file
+
+from lib_lora.errors import FileFormatError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER = 100 * 1024 * 1024
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the JSON header of a safetensors file says, checked against the file's size."""
+
+    path: str
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    data_start: int
+    file_size: int
+
+
+@dataclass
+class LoadedFile:
+    path: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _sniff_other_format(path: str, head: bytes) -> str | None:
+    if head[:2] == b"PK":
+        return "a zip archive (a PyTorch pickle checkpoint renamed?)"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    if head[:4] == b"\x89PNG":
+        return "a PNG image"
+    if head[:1] in (b"{", b"<"):
+        return "a text file"
+    return None
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of a safetensors file without loading tensors.
+
+    Raises:
+        FileFormatError: missing, truncated or corrupt file, or another format renamed `.safetensors`.
+    """
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FileFormatError(path, f"file is {size} bytes long: too short to be safetensors (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n + 8 > size:
+                other = _sniff_other_format(path, head)
+                if other:
+                    raise FileFormatError(path, f"not a safetensors file: looks like {other}")
+                raise FileFormatError(path, f"header length {n} does not fit a file of {size} bytes (truncated or corrupt)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FileFormatError(path, "file not found") from None
+    except IsADirectoryError:
+        raise FileFormatError(path, "is a directory, not a file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        other = _sniff_other_format(path, head)
+        what = f"looks like {other}" if other else f"header is not valid JSON ({exc})"
+        raise FileFormatError(path, f"not a readable safetensors file: {what}") from None
+    if not isinstance(header, dict):
+        raise FileFormatError(path, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FileFormatError(path, "__metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise FileFormatError(path, f"tensor {name!r}: malformed header entry {info!r}") from None
+        if dtype not in DTYPE_SIZES:
+            raise FileFormatError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
+        need = math.prod(shape) * DTYPE_SIZES[dtype]
+        if not (0 <= start <= end <= data_len) or end - start != need:
+            raise FileFormatError(
+                path,
+                f"tensor {name!r}: data range [{start}, {end}) does not fit {data_len} data bytes "
+                f"or shape {list(shape)} {dtype} (truncated or corrupt)",
+            )
+        tensors[name] = TensorInfo(dtype, shape, start, end)
+    return Header(path, dict(metadata), tensors, 8 + n, size)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (validated header, no tensors loaded)."""
+    return read_header(path).metadata
+
+
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedFile:
+    """Load every tensor and the metadata of a safetensors file, after validating its header.
+
+    Raises:
+        FileFormatError: see `read_header`; also for pickle files given with a safetensors name.
+    """
+    header = read_header(path)
+    try:
+        with open(header.path, "rb") as f:
+            data = f.read()
+        tensors = st_load_bytes(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; re-raise with the path
+        raise FileFormatError(header.path, f"could not decode tensors: {exc}") from exc
+    if device != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return LoadedFile(header.path, tensors, header.metadata)
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedFile:
+    """Load a LoRA/checkpoint file of any supported format.
+
+    `.safetensors` is read with validation; pickle formats only with `torch.load(weights_only=True)`,
+    which refuses arbitrary objects. Nested `state_dict` entries (as in `.ckpt`) are unwrapped.
+    """
+    path = str(path)
+    if not path.lower().endswith(PICKLE_SUFFIXES):
+        return load_file(path, device)
+    if not os.path.exists(path):
+        raise FileFormatError(path, "file not found")
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load's refusal comes in several exception types
+        raise FileFormatError(
+            path,
+            "refusing to unpickle this file: it holds objects other than tensors, and unpickling can run "
+            "arbitrary code. Convert it to .safetensors in a trusted environment first, e.g. "
+            "`python -c \"import torch,safetensors.torch as s; sd=torch.load('IN',weights_only=False); "
+            "s.save_file({k:v.contiguous() for k,v in sd.get('state_dict',sd).items()}, 'OUT.safetensors')\"` "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise FileFormatError(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return LoadedFile(path, tensors, {})
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, fsync, rename.
+
+    A crash or kill at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings; not for keys {bad}")
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        st_save_file(prepared, tmp, metadata=meta or None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open folders; the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,180 @@
+"""The base of every LoRA-family algorithm: one module that changes one weight.
+
+An algorithm subclass declares its file format as data (`tensor_names`, `detect_names`) and
+implements `delta` (ΔW, scale included, before the user multiplier). The base class supplies:
+
+- `merged(w0, m)`: the weight with the change applied at multiplier m, computed in float32. With a
+  `dora_scale` tensor (DoRA weight decomposition, any algorithm) the rows (or columns) of W0 + ΔW are
+  renormalised to `dora_scale`, and m interpolates between W0 and that result.
+- `bypass(x, base_out, layer, m)`: the same change applied to a layer's output without touching its
+  weight (training, previews). The default runs the layer's op with W' - W0; LoRA overrides it with
+  the cheap low-rank path.
+- `state_dict()` (nn.Module's) gives exactly the file's tensors under their file suffixes.
+
+Scale convention (kohya, A1111, ComfyUI): scale = alpha / rank when the file has both, else 1.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lib_lora.errors import NonFiniteError, ShapeMismatchError
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """How the targeted layer applies its weight: linear, or conv2d with its geometry."""
+
+    kind: str  # 'linear' | 'conv'
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @classmethod
+    def of(cls, module: nn.Module) -> LayerOp:
+        if isinstance(module, nn.Conv2d):
+            return cls("conv", tuple(module.stride), module.padding, tuple(module.dilation), module.groups)
+        return cls("linear")
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _as_float(t: Tensor) -> Tensor:
+    return t.to(torch.float32)
+
+
+class NetworkModule(nn.Module):
+    """One LoRA-family module (one target weight). Subclasses: one per algorithm, in their own file."""
+
+    algo: ClassVar[str] = ""
+    tensor_names: ClassVar[tuple[str, ...]] = ()  # file suffixes this algorithm reads (besides alpha, dora_scale)
+    detect_names: ClassVar[tuple[str, ...]] = ()  # any of these present => this algorithm
+    uses_alpha: ClassVar[bool] = True
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.lora_name = name
+        self.source = ""  # file the tensors came from, for error messages
+        self.alpha: Tensor | None = None
+        self.dora_scale: nn.Parameter | None = None
+
+    # -- format -----------------------------------------------------------------------------------
+
+    @classmethod
+    def claims(cls, suffixes: set[str]) -> bool:
+        return any(s in suffixes for s in cls.detect_names)
+
+    @classmethod
+    def owned(cls) -> tuple[str, ...]:
+        return (*cls.tensor_names, *(("alpha",) if cls.uses_alpha else ()), "dora_scale")
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str = "") -> NetworkModule:
+        """Build the module from a file's tensors for one module (keys are file suffixes)."""
+        for suffix, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(source or "network", f"{name}.{suffix}")
+        module = cls._from_tensors(name, tensors, source)
+        module.source = source
+        if cls.uses_alpha and "alpha" in tensors:
+            module.alpha = tensors["alpha"].detach().to(torch.float32).reshape(())
+        if "dora_scale" in tensors:
+            module.dora_scale = nn.Parameter(tensors["dora_scale"].detach().clone(), requires_grad=False)
+        return module
+
+    @classmethod
+    def _from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str) -> NetworkModule:
+        raise NotImplementedError
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """Tensors as the file stores them, keyed by suffix (alpha as a 0-dim tensor)."""
+        out = {k: v for k, v in self.state_dict().items() if k not in ("alpha", "dora_scale")}
+        if self.uses_alpha and self.alpha is not None:
+            out["alpha"] = self.alpha.clone()
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale.detach()
+        return out
+
+    # -- shapes -----------------------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    @property
+    def scale(self) -> float:
+        if self.uses_alpha and self.alpha is not None and self.rank:
+            return float(self.alpha) / self.rank
+        return 1.0
+
+    def check_shape(self, target_shape: torch.Size) -> None:
+        """Raise ShapeMismatchError when this module cannot change a weight of `target_shape`."""
+        produced = self.delta_shape()
+        if produced is not None and int(torch.Size(produced).numel()) != int(torch.Size(target_shape).numel()):
+            self._shape_error(target_shape, produced)
+        if self.dora_scale is not None:
+            out = target_shape[0]
+            ok = self.dora_scale.shape[0] == out or (self.dora_scale.shape[0] == 1 and self.dora_scale.numel() ==
+                                                      target_shape[1])
+            if not ok:
+                raise ShapeMismatchError(self.source or "network", f"{self.lora_name}.dora_scale",
+                                         (out, 1), tuple(self.dora_scale.shape), "one norm per output row")
+
+    def _shape_error(self, target_shape, produced, detail: str = "") -> None:
+        raise ShapeMismatchError(self.source or "network", self.lora_name, tuple(target_shape), tuple(produced),
+                                 detail or f"{self.algo} change does not fit the model's weight")
+
+    def delta_shape(self) -> tuple[int, ...] | None:
+        """Shape of ΔW this module produces (None when it follows the weight, e.g. IA3)."""
+        return None
+
+    # -- math -------------------------------------------------------------------------------------
+
+    def delta(self, w0: Tensor) -> Tensor:
+        """ΔW in float32 with the shape of `w0`, scale included, multiplier not."""
+        raise NotImplementedError
+
+    def bias_delta(self) -> Tensor | None:
+        return None
+
+    def merged(self, w0: Tensor, multiplier: float) -> Tensor:
+        """W' at `multiplier` in float32 (w0 is converted)."""
+        w0 = _as_float(w0)
+        dw = self.delta(w0)
+        if self.dora_scale is None:
+            return w0 + multiplier * dw
+        decomposed = self._decompose(w0 + dw)
+        return w0 + multiplier * (decomposed - w0)
+
+    def _decompose(self, w: Tensor) -> Tensor:
+        """DoRA: rescale the rows (dora_scale [out,1,..]) or columns ([1,in,..]) of w to dora_scale."""
+        scale = _as_float(self.dora_scale)
+        eps = torch.finfo(torch.float32).eps
+        if scale.shape[0] == w.shape[0] and (scale.dim() == 1 or scale.shape[1] == 1):
+            norm = w.reshape(w.shape[0], -1).norm(dim=1) + eps
+            return w * (scale.reshape(-1) / norm).reshape(-1, *([1] * (w.dim() - 1)))
+        cols = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1) + eps
+        return w * (scale.reshape(-1) / cols).reshape(1, -1, *([1] * (w.dim() - 2)))
+
+    def merged_bias(self, b0: Tensor | None, multiplier: float) -> Tensor | None:
+        db = self.bias_delta()
+        if db is None:
+            return b0
+        base = torch.zeros_like(db, dtype=torch.float32) if b0 is None else _as_float(b0)
+        return base + multiplier * _as_float(db)
+
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
+        """Layer output with this change applied, computed beside the frozen weight `w0`."""
+        dw = self.merged(w0, multiplier) - _as_float(w0)
+        db = self.bias_delta()
+        extra = layer(x, dw.to(x.dtype), None if db is None else (multiplier * db).to(x.dtype))
+        return base_out + extra

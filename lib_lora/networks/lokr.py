@@ -1,0 +1,115 @@
+"""LoKr (LyCORIS): ΔW = kron(w1, w2) · alpha/rank, where each factor may itself be low rank.
+
+File format: `lokr_w1` [a, c] or `lokr_w1_a` [a, r] + `lokr_w1_b` [r, c]; `lokr_w2` [b, d(, kh, kw)] or
+`lokr_w2_a` [b, r] + `lokr_w2_b` [r, d·kh·kw], or with Tucker `lokr_t2` [r, r, kh, kw], `lokr_w2_a` [r, b],
+`lokr_w2_b` [r, d]; `alpha`. The weight is [a·b, c·d(, kh, kw)]. rank = rows of w1_b, else of w2_b;
+with both factors full there is no rank and the scale is 1 (as A1111 and ComfyUI read it).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lib_lora.errors import ShapeMismatchError
+from lib_lora.networks.base import NetworkModule
+from lib_lora.networks.registry import register
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into (m, n), m <= n, m*n == dimension, m as close to `factor` (or sqrt) as possible."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n, length = new_m, new_n, new_m + new_n
+    return (m, n) if m <= n else (n, m)
+
+
+@register
+class LoKrModule(NetworkModule):
+    algo = "lokr"
+    tensor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    detect_names = ("lokr_w1", "lokr_w1_a")
+
+    def __init__(self, name: str, tensors: Mapping[str, Tensor], trainable: bool = False):
+        super().__init__(name)
+        for key in self.tensor_names:
+            setattr(self, key, nn.Parameter(tensors[key], requires_grad=trainable) if key in tensors else None)
+
+    @classmethod
+    def _from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str) -> LoKrModule:
+        has1 = "lokr_w1" in tensors or ("lokr_w1_a" in tensors and "lokr_w1_b" in tensors)
+        has2 = "lokr_w2" in tensors or ("lokr_w2_a" in tensors and "lokr_w2_b" in tensors)
+        if not (has1 and has2):
+            which = "lokr_w1" if not has1 else "lokr_w2"
+            raise ShapeMismatchError(source, f"{name}.{which}", ("present",), ("missing",), "LoKr needs both factors")
+        return cls(name, {k: v.detach().clone() for k, v in tensors.items() if k in cls.tensor_names})
+
+    @classmethod
+    def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *, factor: int = -1,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoKrModule:
+        """Trainable LoKr as LyCORIS builds it: w1 full [a, c], w2 low rank with w2_a = 0 (ΔW starts at 0)."""
+        a, b = factorization(shape[0], factor)
+        c, d = factorization(shape[1], factor)
+        kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
+        t = {
+            "lokr_w1": torch.randn(a, c, generator=generator, dtype=dtype) * 0.1,
+            "lokr_w2_a": torch.zeros(b, rank, dtype=dtype),
+            "lokr_w2_b": torch.randn(rank, d * kernel, generator=generator, dtype=dtype) * 0.1,
+        }
+        module = cls(name, t, trainable=True)
+        module.alpha = torch.tensor(float(rank if not alpha else alpha))
+        return module
+
+    @property
+    def rank(self) -> int | None:
+        if self.lokr_w1_b is not None:
+            return self.lokr_w1_b.shape[0]
+        if self.lokr_w2_b is not None:
+            return self.lokr_w2_b.shape[0]
+        return None
+
+    def _w1(self) -> Tensor:
+        if self.lokr_w1 is not None:
+            return self.lokr_w1.to(torch.float32)
+        return self.lokr_w1_a.to(torch.float32) @ self.lokr_w1_b.to(torch.float32)
+
+    def _w2(self, kernel: tuple[int, ...]) -> Tensor:
+        if self.lokr_w2 is not None:
+            return self.lokr_w2.to(torch.float32)
+        a, b = self.lokr_w2_a.to(torch.float32), self.lokr_w2_b.to(torch.float32)
+        if self.lokr_t2 is not None:
+            return torch.einsum("i j k l, i p, j r -> p r k l", self.lokr_t2.to(torch.float32), a, b)
+        w2 = a @ b
+        return w2.reshape(w2.shape[0], -1, *kernel) if kernel else w2
+
+    def check_shape(self, target_shape: torch.Size) -> None:
+        w1, w2 = self._w1(), self._w2(())
+        out = w1.shape[0] * w2.shape[0]
+        inner = w1.shape[1] * (w2.numel() // w2.shape[0])
+        if out != target_shape[0] or inner != math.prod(target_shape[1:]):
+            self._shape_error(target_shape, (out, inner), "kron(w1, w2) gives [a*b, c*d*kh*kw]")
+        super().check_shape(target_shape)
+
+    def delta(self, w0: Tensor) -> Tensor:
+        kernel = tuple(w0.shape[2:])
+        w1 = self._w1()
+        w2 = self._w2(kernel)
+        if kernel and w2.dim() == 2:
+            w2 = w2.reshape(w2.shape[0], -1, *kernel)
+        if kernel:
+            w1 = w1.reshape(*w1.shape, *([1] * len(kernel)))
+        return torch.kron(w1, w2).reshape(w0.shape) * self.scale

@@ -1,0 +1,107 @@
+"""LoRA and LoCon (kohya networks.lora, LyCORIS locon): ΔW = up @ down · alpha/rank.
+
+File format: `lora_down.weight` [r, in(, kh, kw)], `lora_up.weight` [out, r(, 1, 1)], `alpha` (0-dim),
+optional `lora_mid.weight` [r, r, kh, kw] (Tucker/CP decomposition of a conv: down and up are then 1x1),
+optional `dora_scale` (DoRA). Conv layers: down carries the layer's kernel, stride and padding; up is 1x1.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lib_lora.errors import ShapeMismatchError
+from lib_lora.networks.base import LayerOp, NetworkModule
+from lib_lora.networks.registry import register
+
+
+class _Weight(nn.Module):
+    """Holds one parameter under `.weight`, so state-dict keys read `lora_down.weight` as files do."""
+
+    def __init__(self, tensor: Tensor, trainable: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(tensor, requires_grad=trainable)
+
+
+@register
+class LoRAModule(NetworkModule):
+    algo = "lora"
+    tensor_names = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+    detect_names = ("lora_down.weight", "lora_up.weight")
+
+    def __init__(self, name: str, down: Tensor, up: Tensor, mid: Tensor | None = None, trainable: bool = False):
+        super().__init__(name)
+        self.lora_down = _Weight(down, trainable)
+        self.lora_up = _Weight(up, trainable)
+        self.lora_mid = _Weight(mid, trainable) if mid is not None else None
+
+    @classmethod
+    def _from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str) -> LoRAModule:
+        missing = [k for k in ("lora_down.weight", "lora_up.weight") if k not in tensors]
+        if missing:
+            raise ShapeMismatchError(source, f"{name}.{missing[0]}", ("present",), ("missing",), "LoRA needs both")
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        mid = tensors.get("lora_mid.weight")
+        rank = down.shape[0]
+        if up.dim() < 2 or up.shape[1] != rank or (mid is not None and tuple(mid.shape[:2]) != (rank, rank)):
+            raise ShapeMismatchError(source, f"{name}.lora_up.weight", (up.shape[0], rank), tuple(up.shape),
+                                     "rank of lora_up must equal rows of lora_down")
+        return cls(name, down.detach().clone(), up.detach().clone(), None if mid is None else mid.detach().clone())
+
+    @classmethod
+    def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoRAModule:
+        """A new trainable module for a weight of `shape`, initialised as kohya does (up = 0)."""
+        out_f, in_f = shape[0], shape[1]
+        kernel = tuple(shape[2:])
+        down = torch.empty((rank, in_f, *kernel), dtype=dtype)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        up = torch.zeros((out_f, rank, *([1] * len(kernel))), dtype=dtype)
+        module = cls(name, down, up, trainable=True)
+        module.alpha = torch.tensor(float(rank if not alpha else alpha))
+        return module
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.weight.shape[0]
+
+    def delta_shape(self) -> tuple[int, ...]:
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if self.lora_mid is not None:
+            return (up.shape[0], down.shape[1], *self.lora_mid.weight.shape[2:])
+        return (up.shape[0], *down.shape[1:])
+
+    def check_shape(self, target_shape: torch.Size) -> None:
+        produced = self.delta_shape()
+        if produced[0] != target_shape[0] or math.prod(produced[1:]) != math.prod(target_shape[1:]):
+            self._shape_error(target_shape, produced)
+        super().check_shape(target_shape)
+
+    def delta(self, w0: Tensor) -> Tensor:
+        down = self.lora_down.weight.to(torch.float32)
+        up = self.lora_up.weight.to(torch.float32)
+        if self.lora_mid is None:
+            dw = up.flatten(1) @ down.flatten(1)
+        else:
+            mid = self.lora_mid.weight.to(torch.float32)
+            dw = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.flatten(1), down.flatten(1))
+        return dw.reshape(w0.shape) * self.scale
+
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
+        if self.dora_scale is not None:
+            return super().bypass(x, base_out, layer, w0, multiplier)
+        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+        if layer.kind == "linear":
+            h = F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
+        elif self.lora_mid is None:
+            if down.dim() == 2:  # a Linear-shaped file on a 1x1 conv
+                down, up = down[:, :, None, None], up[:, :, None, None]
+            h = F.conv2d(layer(x, down), up)
+        else:
+            h = F.conv2d(x, down)
+            h = F.conv2d(h, self.lora_mid.weight.to(x.dtype), None, layer.stride, layer.padding, layer.dilation)
+            h = F.conv2d(h, up)
+        return base_out + h * (multiplier * self.scale)
