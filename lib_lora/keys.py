@@ -58,6 +58,9 @@ class Target:
     module: nn.Module
     role: str
     rows: tuple[int, int] | None = None
+    # 'forward': the parent calls this layer, so a forward wrapper sees its input; 'param': the parent reads
+    # the weight itself (nn.MultiheadAttention's q/k/v and out_proj), so bypass needs a parametrization.
+    hook: str = "forward"
 
     @property
     def param(self) -> nn.Parameter:
@@ -113,7 +116,9 @@ class ModelTargets:
         for part in parts:
             for t in part:
                 if t.name in table:
-                    raise KeyMapError(f"two modules map to the same kohya name {t.name!r}: {table[t.name].path}, {t.path}")
+                    raise KeyMapError(
+                        f"two modules map to the same kohya name {t.name!r}: {table[t.name].path}, {t.path}"
+                    )
                 table[t.name] = t
         return cls(arch, table)
 
@@ -206,7 +211,9 @@ def open_clip_text_targets(te: nn.Module, component: Component) -> list[Target]:
                 out.append(Target(name, component, path, module, "te_attn", rows=(i * d, (i + 1) * d)))
         elif rest in _OPENCLIP_CHILDREN and isinstance(module, nn.Linear):
             canonical = f"{base}.{_OPENCLIP_CHILDREN[rest]}"
-            out.append(Target(kohya_name(component, canonical), component, path, module, _te_role(canonical)))
+            hook = "param" if rest == "attn.out_proj" else "forward"
+            out.append(Target(kohya_name(component, canonical), component, path, module, _te_role(canonical),
+                              hook=hook))
     return out
 
 
@@ -285,7 +292,9 @@ _PEFT_TAILS = (
     (".alpha", "alpha"),
 )
 # old diffusers attention-processor spelling: attn1.processor.to_q_lora.down.weight
-_OLD_PROCESSOR = re.compile(r"^(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<dir>down|up)\.weight$")
+_OLD_PROCESSOR = re.compile(
+    r"^(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<dir>down|up)\.weight$"
+)
 _UNET_HEADS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.",
                "conv_norm_out")
 
@@ -329,12 +338,10 @@ def parse_file_key(key: str, arch: Arch) -> FileKey | None:
         proj = "to_out.0" if m.group("proj") == "to_out" else m.group("proj")
         path, suffix = f"{m.group('mod')}.{proj}", f"lora_{m.group('dir')}.weight"
     else:
-        for tail, suffix in _PEFT_TAILS:
-            if rest.endswith(tail):
-                path = rest[: -len(tail)]
-                break
-        else:
+        found = next(((tail, sfx) for tail, sfx in _PEFT_TAILS if rest.endswith(tail)), None)
+        if found is None:
             return None
+        path, suffix = rest[: -len(found[0])], found[1]
     if comp is Component.UNET:
         if arch is Arch.SDXL:
             converted = diffusers_to_compvis(path, layout_for(arch))

@@ -91,7 +91,9 @@ class UNetLoc:
     child: str
 
 
-_DIFF_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?$")
+_DIFF_BLOCK = re.compile(
+    r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?$"
+)
 _DIFF_MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(?:\.(.+))?$")
 _CV_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)(?:\.(.+))?$")
 _CV_MID = re.compile(r"^middle_block\.(\d+)(?:\.(.+))?$")

@@ -1,5 +1,12 @@
 """File input/output: safetensors (atomic saves, validated loads), metadata, hashes."""
-from lib_lora.io.hashes import addnet_hash, legacy_hash_of_bytes, model_hash, precalculate_hashes, sha256_file, short_hash
+from lib_lora.io.hashes import (
+    addnet_hash,
+    legacy_hash_of_bytes,
+    model_hash,
+    precalculate_hashes,
+    sha256_file,
+    short_hash,
+)
 from lib_lora.io.safetensors_io import LoadedFile, load_file, load_state_dict, read_header, read_metadata, save_file
 
 __all__ = [

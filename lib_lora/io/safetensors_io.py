@@ -84,7 +84,11 @@ def read_header(path: str | os.PathLike) -> Header:
                 other = _sniff_other_format(path, head)
                 if other:
                     raise FileFormatError(path, f"not a safetensors file: looks like {other}")
-                raise FileFormatError(path, f"header length {n} does not fit a file of {size} bytes (truncated or corrupt)")
+                if n > MAX_HEADER:
+                    raise FileFormatError(path, "not a safetensors file (its first 8 bytes are no header length)")
+                raise FileFormatError(
+                    path, f"header length {n} does not fit a file of {size} bytes (truncated or corrupt)"
+                )
             raw = f.read(n)
     except FileNotFoundError:
         raise FileFormatError(path, "file not found") from None
@@ -174,7 +178,9 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
     return LoadedFile(path, tensors, {})
 
 
-def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically: a temporary file in the same folder, fsync, rename.
 
     A crash or kill at any point leaves either the old file or the new one, never a partial file.

@@ -45,7 +45,11 @@ class LoadedNetwork:
         return dict(counts)
 
     def algorithms(self) -> list[str]:
-        return sorted({module_label(m) for m in self.modules.values()})
+        """Algorithm names of the file; a LoRA file with k x k conv modules is LoCon (its linear modules too)."""
+        labels = {module_label(m) for m in self.modules.values()}
+        if "locon" in labels:
+            labels.discard("lora")
+        return sorted(labels)
 
 
 def module_label(module: NetworkModule) -> str:

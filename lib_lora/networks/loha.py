@@ -60,7 +60,7 @@ class LoHaModule(NetworkModule):
             "hada_w2_b": torch.randn(rank, in_f, generator=generator, dtype=dtype),
         }
         module = cls(name, t, trainable=True)
-        module.alpha = torch.tensor(float(rank if not alpha else alpha))
+        module.alpha = torch.tensor(float(alpha or rank))
         return module
 
     @property

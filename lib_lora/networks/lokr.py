@@ -71,7 +71,7 @@ class LoKrModule(NetworkModule):
             "lokr_w2_b": torch.randn(rank, d * kernel, generator=generator, dtype=dtype) * 0.1,
         }
         module = cls(name, t, trainable=True)
-        module.alpha = torch.tensor(float(rank if not alpha else alpha))
+        module.alpha = torch.tensor(float(alpha or rank))
         return module
 
     @property

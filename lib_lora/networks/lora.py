@@ -61,7 +61,7 @@ class LoRAModule(NetworkModule):
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         up = torch.zeros((out_f, rank, *([1] * len(kernel))), dtype=dtype)
         module = cls(name, down, up, trainable=True)
-        module.alpha = torch.tensor(float(rank if not alpha else alpha))
+        module.alpha = torch.tensor(float(alpha or rank))
         return module
 
     @property

@@ -28,7 +28,8 @@ CLIP_TE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num
                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                hidden_act="quick_gelu")
 SD2_TE = dict(CLIP_TE, hidden_act="gelu")
-SDXL_TE2 = dict(CLIP_TE, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=32, hidden_act="gelu")
+SDXL_TE2 = dict(CLIP_TE, hidden_size=32, intermediate_size=64, num_attention_heads=4, projection_dim=32,
+                hidden_act="gelu")
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
            sample_size=128)

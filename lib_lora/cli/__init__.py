@@ -1,0 +1,40 @@
+"""The command-line front door: `python -m lib_lora COMMAND ...`.
+
+Each command is a module in this package with `add_arguments(parser)` and `run(args) -> int`; the
+registry below is the list the help shows. Commands import their engines lazily, so `info` never
+loads diffusers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lib_lora.errors import LibLoraError
+
+COMMANDS = {
+    "info": ("lib_lora.cli.info_cmd", "show what a LoRA-family file holds"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_lora", description="LoRA Studio command line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except LibLoraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,79 @@
+"""Test helpers: random LoRA-family files for a model's targets, model checksums."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from lib_lora.keys import ModelTargets, Target, clip_text_targets, unet_targets
+from lib_lora.types import Arch, Component
+
+
+def targets_of(components, arch: Arch, spelling: str = "diffusers") -> ModelTargets:
+    comps = [Component.TE1, Component.TE2] if arch is Arch.SDXL else [Component.TE]
+    parts = [unet_targets(components.unet, arch, spelling)]
+    parts += [clip_text_targets(te, c) for te, c in zip(components.text_encoders, comps)]
+    return ModelTargets.merge(arch, parts)
+
+
+def lora_tensors(target: Target, algo: str, rank: int, g: torch.Generator, scale: float = 0.05,
+                 dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """File tensors (suffix -> tensor) of one random module of `algo` for `target`."""
+    shape = target.shape
+    out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
+
+    def r(*s):
+        return (torch.randn(*s, generator=g) * scale).to(dtype)
+
+    if algo in ("lora", "dora"):
+        t = {"lora_down.weight": r(rank, in_f, *kernel), "lora_up.weight": r(out_f, rank, *([1] * len(kernel)))}
+        if algo == "dora":
+            t["dora_scale"] = (torch.rand(out_f, *([1] * (len(shape) - 1)), generator=g) + 0.5).to(dtype)
+    elif algo == "lora_tucker":
+        t = {"lora_down.weight": r(rank, in_f, 1, 1), "lora_mid.weight": r(rank, rank, *kernel),
+             "lora_up.weight": r(out_f, rank, 1, 1)}
+    elif algo == "loha":
+        inner = in_f * math.prod(kernel)
+        t = {"hada_w1_a": r(out_f, rank), "hada_w1_b": r(rank, inner) * 10, "hada_w2_a": r(out_f, rank),
+             "hada_w2_b": r(rank, inner) * 10}
+    elif algo == "loha_tucker":
+        t = {"hada_w1_a": r(rank, out_f), "hada_w1_b": r(rank, in_f), "hada_t1": r(rank, rank, *kernel) * 10,
+             "hada_w2_a": r(rank, out_f), "hada_w2_b": r(rank, in_f), "hada_t2": r(rank, rank, *kernel) * 10}
+    elif algo == "lokr":
+        a = 2 if out_f % 2 == 0 else 1
+        c = 2 if in_f % 2 == 0 else 1
+        t = {"lokr_w1": r(a, c) * 10, "lokr_w2_a": r(out_f // a, rank),
+             "lokr_w2_b": r(rank, (in_f // c) * math.prod(kernel))}
+    elif algo == "lokr_full":
+        a = 2 if out_f % 2 == 0 else 1
+        c = 2 if in_f % 2 == 0 else 1
+        t = {"lokr_w1_a": r(a, 1) * 10, "lokr_w1_b": r(1, c), "lokr_w2": r(out_f // a, in_f // c, *kernel)}
+    elif algo == "ia3":
+        return {"weight": r(out_f) * 10, "on_input": torch.tensor(False)}
+    elif algo == "full":
+        return {"diff": r(*shape)}
+    else:
+        raise ValueError(algo)
+    t["alpha"] = torch.tensor(float(rank) / 2, dtype=dtype)
+    return t
+
+
+def make_network_file(targets: list[Target], algo: str = "lora", rank: int = 4, seed: int = 0,
+                      dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for t in targets:
+        for suffix, tensor in lora_tensors(t, algo, rank, g, dtype=dtype).items():
+            sd[f"{t.name}.{suffix}"] = tensor
+    return sd
+
+
+def checksum(*modules: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, by name: equal iff the weights are bit-identical."""
+    h = hashlib.sha256()
+    for i, m in enumerate(modules):
+        for name, t in sorted(m.state_dict().items()):
+            h.update(f"{i}.{name}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

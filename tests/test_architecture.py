@@ -1,0 +1,36 @@
+"""House rule 1: the core imports neither the web UI (`modules.*`) nor gradio; only ui/, host/ and app.py may."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "lib_lora"
+ALLOWED = ("ui", "host")
+FORBIDDEN = ("gradio", "modules", "modules_forge")
+
+
+def _imports(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+
+
+def test_core_never_imports_host_or_gradio():
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ALLOWED or rel.as_posix() == "app.py":
+            continue
+        for name in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if name.split(".")[0] in FORBIDDEN:
+                offenders.append(f"{rel}: import {name}")
+    assert not offenders, "core modules import the host or gradio:\n" + "\n".join(offenders)
+
+
+def test_modules_stay_small():
+    big = [f"{p.relative_to(ROOT)}: {n}" for p in ROOT.rglob("*.py")
+           if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500]
+    assert not big, "modules over 500 lines (split by responsibility): " + ", ".join(big)

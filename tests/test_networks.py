@@ -1,0 +1,121 @@
+"""Every algorithm x layer kind: bypass == merged, merge then restore is bit-exact, state-dict round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lib_lora.io import load_file, save_file
+from lib_lora.keys import ModelTargets, Target
+from lib_lora.networks import ALGORITHMS, LayerOp, load_network
+from lib_lora.patching import Application, WeightPatcher
+from lib_lora.types import Arch, Component
+from tests.helpers import checksum, lora_tensors
+
+LAYERS = {
+    "linear": lambda: nn.Linear(16, 24),
+    "conv1x1": lambda: nn.Conv2d(16, 24, 1),
+    "conv3x3": lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1),
+}
+ALGOS = ["lora", "dora", "lora_tucker", "loha", "loha_tucker", "lokr", "lokr_full", "ia3", "full"]
+CASES = [(a, k) for a in ALGOS for k in LAYERS if not (a.endswith("_tucker") and k != "conv3x3")]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _input(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 16, generator=g) if kind == "linear" else torch.randn(2, 16, 9, 9, generator=g)
+
+
+def _module(algo: str, layer: nn.Module, seed: int = 0):
+    target = Target("lora_unet_toy", Component.UNET, "toy", layer, "attn")
+    tensors = lora_tensors(target, algo, 4, torch.Generator().manual_seed(seed))
+    net = load_network({f"lora_unet_toy.{k}": v for k, v in tensors.items()}, arch=Arch.SD1)
+    return target, tensors, net
+
+
+def test_registry_has_every_algorithm():
+    assert {"lora", "loha", "lokr", "ia3", "full"} <= set(ALGORITHMS)
+
+
+@pytest.mark.parametrize("algo,kind", CASES)
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+def test_bypass_equals_merged(algo, kind, multiplier):
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    _, _, net = _module(algo, layer)
+    module = net.modules["lora_unet_toy"]
+    module.check_shape(layer.weight.shape)
+    x = _input(kind)
+    op = LayerOp.of(layer)
+    with torch.no_grad():
+        bypass = module.bypass(x, layer(x), op, layer.weight, multiplier)
+        merged_w = module.merged(layer.weight, multiplier)
+        merged_b = module.merged_bias(layer.bias, multiplier)
+        merged = op(x, merged_w, merged_b)
+    assert not torch.equal(merged, layer(x)), "the module must change the output"
+    torch.testing.assert_close(bypass, merged, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("algo,kind", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_then_restore_is_bit_exact(algo, kind, dtype):
+    torch.manual_seed(0)
+    layer = LAYERS[kind]().to(dtype)
+    target, _, net = _module(algo, layer)
+    before = checksum(layer)
+    patcher = WeightPatcher(ModelTargets(Arch.SD1, {target.name: target}), mode="merge")
+    report = patcher.apply([Application(net, unet=0.8)])
+    assert report.applied == {net.name: 1}
+    assert checksum(layer) != before
+    patcher.restore()
+    assert checksum(layer) == before
+
+
+@pytest.mark.parametrize("algo,kind", CASES)
+def test_hooked_equals_merged_and_changes_no_weight(algo, kind):
+    torch.manual_seed(0)
+    layer = LAYERS[kind]()
+    target, _, net = _module(algo, layer)
+    targets = ModelTargets(Arch.SD1, {target.name: target})
+    x = _input(kind)
+    before = checksum(layer)
+    hooked = WeightPatcher(targets, mode="hooked")
+    with hooked.applied([Application(net, unet=0.7)]), torch.no_grad():
+        y_hooked = layer(x)
+        assert checksum(layer) == before
+    merged = WeightPatcher(targets, mode="merge")
+    with merged.applied([Application(net, unet=0.7)]), torch.no_grad():
+        y_merged = layer(x)
+    torch.testing.assert_close(y_hooked, y_merged, atol=1e-5, rtol=1e-4)
+    assert checksum(layer) == before
+    assert "forward" not in layer.__dict__
+
+
+@pytest.mark.parametrize("algo,kind", CASES)
+def test_state_dict_round_trip_is_identity(algo, kind, tmp_path):
+    layer = LAYERS[kind]()
+    _, tensors, net = _module(algo, layer)
+    out = net.modules["lora_unet_toy"].file_tensors()
+    assert set(out) == set(tensors)
+    for k in tensors:
+        assert torch.equal(out[k], tensors[k]), k
+    path = tmp_path / "net.safetensors"
+    save_file({f"lora_unet_toy.{k}": v for k, v in out.items()}, path)
+    again = load_network(path, arch=Arch.SD1).modules["lora_unet_toy"].file_tensors()
+    for k in tensors:
+        assert torch.equal(again[k], tensors[k]), k
+    assert load_file(path).tensors.keys() == {f"lora_unet_toy.{k}" for k in tensors}
+
+
+def test_alpha_missing_means_scale_one_and_alpha_scales():
+    layer = nn.Linear(8, 8)
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+    no_alpha = load_network({"lora_unet_x.lora_down.weight": down, "lora_unet_x.lora_up.weight": up}, arch=Arch.SD1)
+    half = load_network({"lora_unet_x.lora_down.weight": down, "lora_unet_x.lora_up.weight": up,
+                         "lora_unet_x.alpha": torch.tensor(1.0)}, arch=Arch.SD1)
+    d1 = no_alpha.modules["lora_unet_x"].delta(layer.weight)
+    d2 = half.modules["lora_unet_x"].delta(layer.weight)
+    torch.testing.assert_close(d1, up @ down)
+    torch.testing.assert_close(d2, up @ down * 0.5)
