@@ -1,0 +1,148 @@
+"""Data sections of the training config: subsets, datasets, caching (sd-scripts' option names).
+
+`SubsetOptions` / `DatasetOptions` hold what may be given at any level of sd-scripts' inheritance (the run's
+top level, `[general]`, `[[datasets]]`, `[[datasets.subsets]]`); `SubsetConfig` / `DatasetConfig` are the
+resolved values of one subset / dataset (`data.dataset_config` resolves them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib_lora.train.config import check, check_choice, check_fraction, check_positive
+
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "bicubic", "area", "box")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubsetOptions:
+    """Subset options that may be given at any level (top, [general], [[datasets]], [[datasets.subsets]])."""
+
+    num_repeats: int = 1
+    caption_extension: str = ".caption"
+    class_tokens: str | None = None
+    shuffle_caption: bool = False
+    caption_separator: str = ","
+    keep_tokens: int = 0
+    keep_tokens_separator: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    alpha_mask: bool = False
+    resize_interpolation: str | None = None
+
+    def __post_init__(self) -> None:
+        check(self.num_repeats >= 1, "num_repeats", self.num_repeats, "must be >= 1")
+        check(self.caption_extension.startswith("."), "caption_extension", self.caption_extension,
+              "must start with a dot, e.g. '.txt'")
+        check(self.caption_separator != "", "caption_separator", self.caption_separator, "must not be empty")
+        check_positive("keep_tokens", self.keep_tokens, allow_zero=True)
+        check_fraction("caption_dropout_rate", self.caption_dropout_rate, inclusive_one=True)
+        check_fraction("caption_tag_dropout_rate", self.caption_tag_dropout_rate, inclusive_one=True)
+        check_positive("caption_dropout_every_n_epochs", self.caption_dropout_every_n_epochs, allow_zero=True)
+        if self.resize_interpolation is not None:
+            check_choice("resize_interpolation", self.resize_interpolation, RESIZE_INTERPOLATIONS)
+
+    @property
+    def varies_caption(self) -> bool:
+        """Whether the caption given to the text encoder can change between uses of an image."""
+        return (self.shuffle_caption or self.caption_dropout_rate > 0 or self.caption_tag_dropout_rate > 0
+                or self.caption_dropout_every_n_epochs > 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubsetConfig(SubsetOptions):
+    """One folder of images: where, how often per epoch, and how its captions and pixels are treated."""
+
+    image_dir: Path
+    is_reg: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetOptions:
+    """Dataset options that may be given at the top level, in [general] or in [[datasets]]."""
+
+    batch_size: int = 1
+    resolution: tuple[int, int] = (512, 512)
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        w, h = self.resolution
+        check(w >= 8 and h >= 8 and w % 8 == 0 and h % 8 == 0, "resolution", self.resolution,
+              "width and height must be multiples of 8 (the VAE's downscale factor), at least 8")
+        check(self.bucket_reso_steps >= 8 and self.bucket_reso_steps % 8 == 0, "bucket_reso_steps",
+              self.bucket_reso_steps, "must be a positive multiple of 8 (sd-scripts uses 64)")
+        check_positive("min_bucket_reso", self.min_bucket_reso)
+        check(self.max_bucket_reso >= self.min_bucket_reso, "max_bucket_reso", self.max_bucket_reso,
+              f"must be >= min_bucket_reso ({self.min_bucket_reso})")
+        if self.enable_bucket and not self.bucket_no_upscale:
+            check(self.max_bucket_reso >= max(w, h), "max_bucket_reso", self.max_bucket_reso,
+                  f"must be >= the largest side of resolution {self.resolution}")
+        check_fraction("validation_split", self.validation_split)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig(DatasetOptions):
+    """A group of subsets sharing resolution, bucketing and batch size."""
+
+    subsets: tuple[SubsetConfig, ...]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(len(self.subsets) > 0, "subsets", self.subsets, "a dataset needs at least one subset (image_dir)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the images are (as the user wrote it) and the resolved datasets, plus caching."""
+
+    datasets: tuple[DatasetConfig, ...]
+    train_data_dir: Path | None = None
+    reg_data_dir: Path | None = None
+    dataset_config: Path | None = None
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
+    cache_dir: Path | None = None  # ours: disk caches here instead of next to the images
+    vae_batch_size: int = 1  # images per VAE call while caching latents
+
+    def __post_init__(self) -> None:
+        check(len(self.datasets) > 0, "datasets", self.datasets,
+              "no dataset: give train_data_dir (kohya folders) or dataset_config (a dataset TOML)")
+        check(self.vae_batch_size >= 1, "vae_batch_size", self.vae_batch_size, "must be >= 1")
+        if self.cache_latents or self.cache_latents_to_disk:
+            for sub in self.subsets:
+                # sd-scripts refuses the same: a cached latent is one fixed crop with fixed colours.
+                check(not (sub.color_aug or sub.random_crop), "cache_latents", True,
+                      f"cannot be combined with color_aug or random_crop (subset {sub.image_dir}): the cached "
+                      "latent is encoded once, so per-step crops and colour changes cannot apply; turn one off")
+        if self.caches_text_encoder_outputs:
+            for sub in self.subsets:
+                check(not sub.varies_caption, "cache_text_encoder_outputs", True,
+                      f"cannot be combined with shuffle_caption or caption/tag dropout (subset {sub.image_dir}): "
+                      "the cached encoding is of one fixed caption")
+
+    @property
+    def subsets(self) -> tuple[SubsetConfig, ...]:
+        return tuple(s for d in self.datasets for s in d.subsets)
+
+    @property
+    def caches_latents(self) -> bool:
+        return self.cache_latents or self.cache_latents_to_disk
+
+    @property
+    def caches_text_encoder_outputs(self) -> bool:
+        return self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk

@@ -1,0 +1,164 @@
+"""Resolve datasets from a dataset TOML (`[general]` / `[[datasets]]` / `[[datasets.subsets]]`) or kohya folders.
+
+Inheritance is sd-scripts': a subset option comes from the subset, else its dataset, else `[general]`, else
+the run options (top-level TOML keys / command line), else the default. Relative `image_dir`s are resolved
+against the dataset TOML's folder. Keys are checked at each level; an unknown key names the closest known one.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lib_lora.errors import ConfigError
+from lib_lora.train.config import coerce, field_types
+from lib_lora.train.data.config import DatasetConfig, DatasetOptions, SubsetConfig, SubsetOptions
+from lib_lora.train.data.folders import kohya_dirs, list_images
+
+SUBSET_OPTION_TYPES = field_types(SubsetOptions)
+DATASET_OPTION_TYPES = field_types(DatasetOptions)
+SUBSET_ONLY_TYPES = {"image_dir": Path, "is_reg": bool}
+# sd-scripts dataset keys with no effect here, and why.
+DATASET_NO_EFFECT = {
+    "cache_info": "image sizes are read when the dataset is built; nothing to cache",
+    "debug_dataset": "use the bucket report and the dataset summary instead",
+}
+# sd-scripts dataset keys we do not implement: accepted only at their default value.
+DATASET_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "face_crop_aug_range": (None, "face-crop augmentation is not implemented"),
+    "token_warmup_min": (1, "token warmup is not implemented"),
+    "token_warmup_step": (0, "token warmup is not implemented"),
+    "enable_wildcard": (False, "caption wildcards are not implemented"),
+    "secondary_separator": (None, "the secondary caption separator is not implemented"),
+    "custom_attributes": (None, "custom attributes are not implemented"),
+    "network_multiplier": (1.0, "per-dataset network multipliers are not implemented"),
+    "metadata_file": (None, "fine-tuning datasets (metadata JSON) are not supported: use image folders with captions"),
+    "conditioning_data_dir": (None, "ControlNet datasets are not supported"),
+}
+
+
+def suggest(name: str, known: list[str] | set[str]) -> str:
+    """'; did you mean X?' for the closest known name, or ''."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _typed_table(table: Any, allowed: dict[str, Any], where: str, base_dir: Path | None,
+                 notes: list[str]) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(where, table, "expected a table")
+    typed: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{where}.{key}" if where else key
+        if key in DATASET_NO_EFFECT:
+            notes.append(f"{name}: accepted, no effect here ({DATASET_NO_EFFECT[key]})")
+        elif key in DATASET_UNSUPPORTED:
+            default, reason = DATASET_UNSUPPORTED[key]
+            if value != default:
+                raise ConfigError(name, value, f"not supported: {reason}")
+        elif key not in allowed:
+            raise ConfigError(name, value, f"unknown dataset option{suggest(key, allowed)}")
+        else:
+            typed[key] = coerce(value, allowed[key], name=name, base_dir=base_dir)
+    return typed
+
+
+Level = tuple[str, Mapping[str, Any]]  # (where it was written, its typed values); "" = run options
+
+
+def _inherit(names: Any, levels: list[Level]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each option from the first level that sets it, and where that was (to name it in errors)."""
+    values, origins = {}, {}
+    for name in names:
+        for where, level in levels:
+            if level.get(name) is not None:
+                values[name], origins[name] = level[name], where
+                break
+    return values, origins
+
+
+def _build(cls: type, values: dict[str, Any], origins: dict[str, str], where: str) -> Any:
+    """Construct a config dataclass; a ConfigError names the TOML location the bad value came from."""
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        place = origins.get(exc.field, where)
+        raise ConfigError(f"{place}.{exc.field}" if place else exc.field, exc.value, exc.reason) from None
+
+
+def _subset(levels: list[Level], subset: Mapping[str, Any], where: str) -> SubsetConfig:
+    if subset.get("image_dir") is None:
+        raise ConfigError(f"{where}.image_dir", None, "every subset needs an image_dir")
+    values, origins = _inherit(SUBSET_OPTION_TYPES, [(where, subset), *levels])
+    values.update(image_dir=subset["image_dir"], is_reg=bool(subset.get("is_reg", False)))
+    return _build(SubsetConfig, values, origins, where)
+
+
+def resolve_datasets(toml: Mapping[str, Any], *, base_dir: Path, fallback: Mapping[str, Any],
+                     source: str = "dataset_config") -> tuple[tuple[DatasetConfig, ...], list[str]]:
+    """Datasets of a dataset TOML, and notes (options accepted without effect).
+
+    Args:
+        toml: the parsed TOML (keys "general" and "datasets").
+        base_dir: folder that relative image_dir paths are relative to (the TOML's folder).
+        fallback: typed run options with subset/dataset option names (e.g. {"flip_aug": True, "batch_size": 2}).
+        source: how errors name the file.
+    """
+    notes: list[str] = []
+    unknown = set(toml) - {"general", "datasets"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{source}: {key}", toml[key], "a dataset TOML has only [general] and [[datasets]]"
+                          + suggest(key, {"general", "datasets"}))
+    general_types = {**SUBSET_OPTION_TYPES, **DATASET_OPTION_TYPES}
+    general = _typed_table(toml.get("general", {}), general_types, "general", base_dir, notes)
+    raw_datasets = toml.get("datasets", [])
+    if not isinstance(raw_datasets, list) or not raw_datasets:
+        raise ConfigError(f"{source}: datasets", raw_datasets, "needs at least one [[datasets]] table")
+    datasets = []
+    for i, raw in enumerate(raw_datasets):
+        where = f"datasets[{i}]"
+        raw = dict(raw) if isinstance(raw, Mapping) else raw
+        subsets_raw = raw.pop("subsets", None) if isinstance(raw, dict) else None
+        dataset = _typed_table(raw, general_types, where, base_dir, notes)
+        if not isinstance(subsets_raw, list) or not subsets_raw:
+            raise ConfigError(f"{where}.subsets", subsets_raw, "needs at least one [[datasets.subsets]] table")
+        levels: list[Level] = [(where, dataset), ("general", general), ("", fallback)]
+        subset_types = {**SUBSET_OPTION_TYPES, **SUBSET_ONLY_TYPES}
+        subsets = tuple(
+            _subset(levels, _typed_table(s, subset_types, f"{where}.subsets[{j}]", base_dir, notes),
+                    f"{where}.subsets[{j}]")
+            for j, s in enumerate(subsets_raw))
+        values, origins = _inherit(DATASET_OPTION_TYPES, levels)
+        datasets.append(_build(DatasetConfig, {**values, "subsets": subsets}, origins, where))
+    return tuple(datasets), notes
+
+
+def datasets_from_folders(train_data_dir: Path, reg_data_dir: Path | None, *,
+                          fallback: Mapping[str, Any]) -> tuple[tuple[DatasetConfig, ...], list[str]]:
+    """One dataset from kohya folders: a subset per `<repeats>_<name>` folder (reg folders marked is_reg)."""
+    dirs, notes = kohya_dirs(train_data_dir, is_reg=False, option="train_data_dir")
+    if reg_data_dir is not None:
+        reg_dirs, reg_notes = kohya_dirs(reg_data_dir, is_reg=True, option="reg_data_dir")
+        dirs, notes = dirs + reg_dirs, notes + reg_notes
+    subsets = []
+    for d in dirs:
+        values, origins = _inherit(SUBSET_OPTION_TYPES, [("", fallback)])
+        values.update(image_dir=d.path, is_reg=d.is_reg, num_repeats=d.num_repeats)
+        if d.class_tokens is not None:
+            values["class_tokens"] = d.class_tokens
+        subsets.append(_build(SubsetConfig, values, origins, ""))
+    values, origins = _inherit(DATASET_OPTION_TYPES, [("", fallback)])
+    return (_build(DatasetConfig, {**values, "subsets": tuple(subsets)}, origins, ""),), notes
+
+
+def validation_datasets(folder: Path, *, fallback: Mapping[str, Any]) -> tuple[DatasetConfig, ...]:
+    """Datasets for a separate validation folder: its own images (repeats 1), or its kohya sub-folders."""
+    if not list_images(folder):
+        return datasets_from_folders(folder, None, fallback=fallback)[0]
+    values, origins = _inherit(SUBSET_OPTION_TYPES, [("", fallback)])
+    values.update(image_dir=folder, num_repeats=1)
+    subset = _build(SubsetConfig, values, origins, "validation_data_dir")
+    values, origins = _inherit(DATASET_OPTION_TYPES, [("", fallback)])
+    return (_build(DatasetConfig, {**values, "subsets": (subset,)}, origins, "validation_data_dir"),)

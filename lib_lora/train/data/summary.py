@@ -1,0 +1,114 @@
+"""sd-scripts' dataset metadata (`ss_tag_frequency`, `ss_dataset_dirs`, `ss_datasets`, `ss_bucket_info`, image
+counts) from a built dataset, in the shapes sd-scripts writes, for the metadata writer.
+
+Two shapes exist, as in sd-scripts: runs from kohya folders (`train_data_dir`) write the legacy per-run keys
+(`ss_resolution`, `ss_flip_aug`, `ss_reg_dataset_dirs`, `ss_bucket_info`, ...); runs from a dataset TOML write
+`ss_datasets`, one JSON entry per dataset. Both write `ss_tag_frequency` and `ss_dataset_dirs`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lib_lora.train.data.captions import tag_frequency
+from lib_lora.train.data.config import DataConfig
+from lib_lora.train.data.dataset import DatasetGroup, ImageDataset, SubsetSummary
+
+
+def _unique(name: str, taken: dict[str, Any]) -> str:
+    """sd-scripts numbers repeated folder names: "x", "x (2)", "x (3)"."""
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name} ({n})", n + 1
+    return candidate
+
+
+def tag_frequencies(dataset: ImageDataset, dataset_index: int | None = None) -> dict[str, dict[str, int]]:
+    """{folder name: {tag: images}} (all subsets, regularisation included; a folder in two datasets counted once)."""
+    out: dict[str, dict[str, int]] = {}
+    seen_in: dict[str, int] = {}
+    for sub in dataset.subsets:
+        if dataset_index is not None and sub.dataset_index != dataset_index:
+            continue
+        name = sub.config.image_dir.name
+        if name in seen_in and seen_in[name] != sub.dataset_index:
+            continue  # sd-scripts keeps a directory used by several datasets only once
+        seen_in[name] = sub.dataset_index
+        merged = out.setdefault(name, {})
+        for tag, count in tag_frequency(sub.captions).items():
+            merged[tag] = merged.get(tag, 0) + count
+    return out
+
+
+def dataset_dirs(dataset: ImageDataset, *, reg: bool = False) -> dict[str, dict[str, int]]:
+    """{folder name: {"n_repeats", "img_count"}} of the training (or regularisation) subsets."""
+    out: dict[str, dict[str, int]] = {}
+    for sub in dataset.subsets:
+        if sub.config.is_reg == reg:
+            out[_unique(sub.config.image_dir.name, out)] = {"n_repeats": sub.config.num_repeats,
+                                                           "img_count": sub.img_count}
+    return out
+
+
+def bucket_info(group: DatasetGroup) -> dict[str, Any] | None:
+    """`ss_bucket_info` of one dataset (None without bucketing, as sd-scripts)."""
+    return group.buckets.to_ss_dict() if group.config.enable_bucket else None
+
+
+def _subset_entry(sub: SubsetSummary) -> dict[str, Any]:
+    c = sub.config
+    return {"img_count": sub.img_count, "num_repeats": c.num_repeats, "color_aug": c.color_aug,
+            "flip_aug": c.flip_aug, "random_crop": c.random_crop, "shuffle_caption": c.shuffle_caption,
+            "keep_tokens": c.keep_tokens, "keep_tokens_separator": c.keep_tokens_separator,
+            "secondary_separator": None, "enable_wildcard": False, "caption_prefix": c.caption_prefix,
+            "caption_suffix": c.caption_suffix, "resize_interpolation": c.resize_interpolation,
+            "image_dir": c.image_dir.name, "class_tokens": c.class_tokens, "is_reg": c.is_reg}
+
+
+def datasets_entries(dataset: ImageDataset) -> list[dict[str, Any]]:
+    """`ss_datasets`: one entry per dataset, as sd-scripts' config path writes them."""
+    entries = []
+    for group in dataset.groups:
+        cfg = group.config
+        entries.append({
+            "is_dreambooth": True, "batch_size_per_device": cfg.batch_size,
+            "num_train_images": group.num_train_images, "num_reg_images": group.num_reg_images,
+            "resolution": list(cfg.resolution), "enable_bucket": cfg.enable_bucket,
+            "min_bucket_reso": cfg.min_bucket_reso if cfg.enable_bucket else None,
+            "max_bucket_reso": cfg.max_bucket_reso if cfg.enable_bucket else None,
+            "tag_frequency": tag_frequencies(dataset, group.index), "bucket_info": bucket_info(group),
+            "resize_interpolation": None,
+            "subsets": [_subset_entry(s) for s in dataset.subsets if s.dataset_index == group.index],
+        })
+    return entries
+
+
+def dataset_metadata(dataset: ImageDataset, data: DataConfig, *, num_batches_per_epoch: int | None = None,
+                     total_batch_size: int | None = None) -> dict[str, str]:
+    """The dataset-side `ss_*` values (strings), in the legacy or the dataset-TOML shape like sd-scripts.
+
+    Args:
+        num_batches_per_epoch: batches per epoch per process (defaults to the dataset's own count).
+        total_batch_size: batch size x processes x accumulation steps (legacy shape only).
+    """
+    meta: dict[str, Any] = {
+        "ss_num_train_images": dataset.num_train_images, "ss_num_reg_images": dataset.num_reg_images,
+        "ss_num_batches_per_epoch": num_batches_per_epoch or dataset.num_batches_per_epoch,
+        "ss_tag_frequency": json.dumps(tag_frequencies(dataset)), "ss_dataset_dirs": json.dumps(dataset_dirs(dataset)),
+    }
+    if data.dataset_config is not None:
+        meta["ss_datasets"] = json.dumps(datasets_entries(dataset))
+    else:
+        group, sub = dataset.groups[0], dataset.groups[0].config.subsets[0]
+        cfg = group.config
+        meta.update({
+            "ss_batch_size_per_device": cfg.batch_size, "ss_total_batch_size": total_batch_size or cfg.batch_size,
+            "ss_resolution": cfg.resolution, "ss_color_aug": sub.color_aug, "ss_flip_aug": sub.flip_aug,
+            "ss_random_crop": sub.random_crop, "ss_shuffle_caption": sub.shuffle_caption,
+            "ss_enable_bucket": cfg.enable_bucket, "ss_bucket_no_upscale": cfg.bucket_no_upscale and cfg.enable_bucket,
+            "ss_min_bucket_reso": cfg.min_bucket_reso if cfg.enable_bucket else None,
+            "ss_max_bucket_reso": cfg.max_bucket_reso if cfg.enable_bucket else None,
+            "ss_keep_tokens": sub.keep_tokens, "ss_reg_dataset_dirs": json.dumps(dataset_dirs(dataset, reg=True)),
+            "ss_bucket_info": json.dumps(bucket_info(group)),
+        })
+    return {k: str(v) for k, v in meta.items()}

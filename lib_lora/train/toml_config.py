@@ -1,0 +1,561 @@
+"""sd-scripts' option names -> `TrainConfig`: run TOML, dataset TOML, `--key value` overrides, `ss_*` values.
+
+A run TOML uses sd-scripts' names, at the top level or in any one-level section (kohya_ss writes
+`[model_arguments]`, `[optimizer_arguments]`, ...; sd-scripts flattens them, so do we). A run TOML may also carry
+the dataset config inline (`[general]` + `[[datasets]]`). Relative paths in a TOML are relative to that TOML's
+folder; paths given as overrides are relative to the working directory.
+
+Options of sd-scripts that only concern its own runtime are accepted and listed in `TrainConfig.notes`
+(`NO_EFFECT`, with the reason); options we do not implement are accepted only at their default value
+(`UNSUPPORTED`); anything else unknown is an error naming the closest known option.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lib_lora.blocks import BLOCK_IDS_26
+from lib_lora.errors import ConfigError, FileFormatError
+from lib_lora.train import config as tc
+from lib_lora.train.config import BlockwiseConfig, NetworkArgs, NetworkConfig, TrainConfig, coerce, field_types
+from lib_lora.train.data.config import DataConfig, DatasetOptions, SubsetOptions
+from lib_lora.train.data.dataset_config import (
+    DATASET_NO_EFFECT,
+    DATASET_UNSUPPORTED,
+    datasets_from_folders,
+    resolve_datasets,
+    suggest,
+)
+from lib_lora.types import Arch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (web-UI venvs): the same parser, from PyPI
+    import tomli as tomllib
+
+SECTIONS: dict[str, type] = {
+    "model": tc.ModelConfig, "network": NetworkConfig, "optimizer": tc.OptimizerConfig, "run": tc.RunConfig,
+    "output": tc.OutputConfig, "sampling": tc.SamplingConfig, "loss": tc.LossConfig, "validation": tc.ValidationConfig,
+    "guard": tc.GuardConfig, "logging": tc.LoggingConfig, "data": DataConfig,
+}
+# Fields assembled from several options, not set by name:
+_BUILT_FIELDS = {"network_args", "network_args_raw", "blockwise", "datasets", "optimizer_args"}
+LORA_PLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+_RUNTIME = "sd-scripts runtime detail; this engine decides it itself"
+NO_EFFECT: dict[str, str] = {
+    "xformers": "attention: PyTorch SDPA, or the web UI's own attention (xformers when it has it)",
+    "sdpa": "attention: PyTorch SDPA is always used", "mem_eff_attn": "attention: PyTorch SDPA is always used",
+    "persistent_data_loader_workers": "images are loaded by the engine's own sampler",
+    "max_data_loader_n_workers": "images are loaded by the engine's own sampler",
+    "lowram": _RUNTIME, "highvram": _RUNTIME, "disable_mmap_load_safetensors": _RUNTIME,
+    "tokenizer_cache_dir": "the CLIP tokenizer ships with the app (offline)",
+    "console_log_level": "logging goes to the console and TensorBoard", "console_log_file": _RUNTIME,
+    "console_log_simple": _RUNTIME, "log_config": "the resolved config is always written to the log",
+    "ddp_timeout": "accelerate's defaults are used", "ddp_gradient_as_bucket_view": "accelerate's defaults are used",
+    "ddp_static_graph": "accelerate's defaults are used", "dynamo_backend": "torch.compile is not used",
+    "wandb_api_key": "TensorBoard only", "wandb_run_name": "TensorBoard only",
+    "log_tracker_config": "TensorBoard only",
+    "huggingface_repo_id": "no uploads (offline)", "huggingface_repo_type": "no uploads (offline)",
+    "huggingface_path_in_repo": "no uploads (offline)", "huggingface_token": "no uploads (offline)",
+    "huggingface_repo_visibility": "no uploads (offline)", "save_state_to_huggingface": "no uploads (offline)",
+    "resume_from_huggingface": "no downloads (offline)", "async_upload": "no uploads (offline)",
+    "skip_cache_check": "caches are always validated by their keys (cheap: file size and time)",
+    "num_cpu_threads_per_process": "an `accelerate launch` option, not a training option",
+    "output_config": "the CLI writes no config file", "config_file": "the CLI takes --config",
+    **DATASET_NO_EFFECT,
+}
+UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason); only the default is accepted
+    "full_fp16": (bool, False, "full fp16 training is not implemented (use mixed_precision)"),
+    "full_bf16": (bool, False, "full bf16 training is not implemented (use mixed_precision)"),
+    "fp8_base": (bool, False, "fp8 base weights are not implemented"),
+    "fp8_base_unet": (bool, False, "fp8 base weights are not implemented"),
+    "fused_backward_pass": (bool, False, "fused backward passes are not implemented"),
+    "in_json": (str | None, None, "fine-tuning metadata JSON is not supported: use image folders with captions"),
+    "weighted_captions": (bool, False, "weighted captions are not implemented"),
+    "lr_scheduler_type": (str, "", "custom scheduler classes are not supported; see lr_scheduler"),
+    "lr_scheduler_args": (tuple[str, ...] | None, None, "custom scheduler arguments are not supported"),
+    "lr_decay_steps": (int | float, 0, "warmup_stable_decay is not implemented"),
+    "lr_scheduler_timescale": (int | None, None, "inverse_sqrt is not implemented"),
+    "zero_terminal_snr": (bool, False, "zero terminal SNR is not implemented"),
+    "ip_noise_gamma": (float | None, None, "input perturbation noise is not implemented"),
+    "ip_noise_gamma_random_strength": (bool, False, "input perturbation noise is not implemented"),
+    "adaptive_noise_scale": (float | None, None, "adaptive noise scale is not implemented"),
+    "debiased_estimation_loss": (bool, False, "the debiased estimation loss is not implemented"),
+    "v_pred_like_loss": (float | None, None, "v-pred-like loss is not implemented"),
+    "scale_v_pred_loss_like_noise_pred": (bool, False, "not implemented"),
+    "loss_type": (str, "l2", "only the l2 loss is implemented"),
+    "huber_schedule": (str, "snr", "only the l2 loss is implemented"),
+    "huber_c": (float, 0.1, "only the l2 loss is implemented"),
+    "huber_scale": (float, 1.0, "only the l2 loss is implemented"),
+    "deepspeed": (bool, False, "DeepSpeed is not supported (use plain accelerate)"),
+    "initial_epoch": (int | None, None, "use resume"), "initial_step": (int | None, None, "use resume"),
+    "skip_until_initial_step": (bool, False, "use resume"),
+    "base_weights": (tuple[str, ...] | None, None, "merging base weights before training is not implemented"),
+    "base_weights_multiplier": (tuple[float, ...] | None, None, "merging base weights is not implemented"),
+    "dataset_class": (str | None, None, "custom dataset classes are not supported"),
+    "save_n_epoch_ratio": (int | None, None, "use save_every_n_epochs"),
+    "text_encoder_batch_size": (int | None, None, "text-encoder outputs are cached with a fixed batch size"),
+    "dataset_repeats": (int, 1, "fine-tuning datasets are not supported (repeats come from folder names)"),
+    "log_with": (str, "tensorboard", "only TensorBoard logging is implemented"),
+    **{k: (Any, default, reason) for k, (default, reason) in DATASET_UNSUPPORTED.items()},
+}
+ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
+
+
+@dataclass(frozen=True)
+class Option:
+    """A known option: which section it belongs to and its declared type."""
+
+    name: str
+    section: str  # a key of SECTIONS, "blockwise", "dataset" (a dataset fallback) or "special"
+    hint: Any
+
+
+def _option_table() -> dict[str, Option]:
+    table: dict[str, Option] = {}
+
+    def add(name: str, section: str, hint: Any) -> None:
+        if name in table:
+            raise RuntimeError(f"option {name!r} declared by both {table[name].section} and {section}")
+        table[name] = Option(name, section, hint)
+
+    for section, cls in SECTIONS.items():
+        for name, hint in field_types(cls).items():
+            if name not in _BUILT_FIELDS:
+                add(name, section, hint)
+    for name, hint in field_types(BlockwiseConfig).items():
+        add(name, "blockwise", hint)
+    for name, hint in {**field_types(SubsetOptions), **field_types(DatasetOptions)}.items():
+        if name not in ("batch_size", "num_repeats"):  # the run's names are train_batch_size / folder names
+            add(name, "dataset", hint)
+    for name, hint in (("network_args", tuple[str, ...]), ("optimizer_args", tuple[str, ...]),
+                       ("use_8bit_adam", bool), ("use_lion_optimizer", bool), ("caption_extention", str)):
+        add(name, "special", hint)
+    return table
+
+
+OPTIONS = _option_table()
+
+
+def known_names() -> set[str]:
+    """Every name a run TOML or the command line may use."""
+    return set(OPTIONS) | set(NO_EFFECT) | set(UNSUPPORTED)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file (UTF-8, BOM tolerated); errors name the file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), "file not found") from None
+    except UnicodeDecodeError as exc:
+        raise FileFormatError(str(path), f"not UTF-8 text (offset {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FileFormatError(str(path), f"not valid TOML: {exc}") from None
+
+
+def flatten_run_toml(doc: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(options, inline dataset config or None): one-level sections are merged into the top level."""
+    doc = dict(doc)
+    inline = None
+    if "datasets" in doc:
+        inline = {"datasets": doc.pop("datasets"), **({"general": doc.pop("general")} if "general" in doc else {})}
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        pairs = value.items() if isinstance(value, Mapping) and key not in ("optimizer_args", "network_args") \
+            else [(key, value)]
+        for name, item in pairs:
+            if name in flat:
+                raise ConfigError(name, item, f"given twice in {source} (sections are merged, as sd-scripts does)")
+            flat[name] = item
+    return flat, inline
+
+
+def _is_flag(token: str) -> bool:
+    return token.startswith("--") and len(token) > 2
+
+
+def parse_overrides(tokens: Sequence[str]) -> list[tuple[str, Any]]:
+    """`--key value`, `--key=value`, `--flag`, and lists (`--network_args conv_dim=4 conv_alpha=1`) -> pairs."""
+    pairs, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not _is_flag(token):
+            raise ConfigError("overrides", token, "expected --key value, --key=value or --flag")
+        key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
+        i += 1
+        if eq:
+            pairs.append((key, value))
+            continue
+        values = []
+        while i < len(tokens) and not _is_flag(tokens[i]):
+            values.append(tokens[i])
+            i += 1
+        pairs.append((key, _override_value(key, values)))
+    return pairs
+
+
+def _is_list(hint: Any) -> bool:
+    """Whether a declared type takes several values (a tuple, or a union with one)."""
+    return typing.get_origin(hint) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint))
+
+
+def _override_value(key: str, values: list[str]) -> Any:
+    name = ALIASES.get(key, key)
+    if name not in OPTIONS and name not in UNSUPPORTED:
+        return values[0] if len(values) == 1 else values  # unknown: convert_options names it
+    hint = OPTIONS[name].hint if name in OPTIONS else UNSUPPORTED[name][0]
+    if hint is bool:
+        if len(values) > 1:
+            raise ConfigError(key, values, "is a flag: give at most one value (true/false)")
+        return values[0] if values else True
+    if not values:
+        raise ConfigError(key, None, "needs a value")
+    if _is_list(hint):
+        return values if len(values) > 1 or name in ("network_args", "optimizer_args") else values[0]
+    if len(values) > 1:
+        raise ConfigError(key, values, "takes one value")
+    return values[0]
+
+
+def convert_options(raw: Mapping[str, Any], *, base_dir: Path | None, notes: list[str]) -> dict[str, Any]:
+    """Typed values of known options; no-effect options become notes; unknown names raise (with suggestions)."""
+    unknown = [k for k in raw if ALIASES.get(k, k) not in known_names()]
+    if unknown:
+        hints = ", ".join(f"'{k}'{suggest(k, known_names())}" for k in unknown)
+        raise ConfigError(unknown[0], raw[unknown[0]], f"unknown option ({hints})")
+    typed: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = ALIASES.get(key, key)
+        if key in NO_EFFECT:
+            notes.append(f"{key}: accepted, no effect here ({NO_EFFECT[key]})")
+        elif key in UNSUPPORTED:
+            hint, default, reason = UNSUPPORTED[key]
+            if coerce(value, hint, name=key, base_dir=None) != default:
+                raise ConfigError(key, value, f"not supported here: {reason}")
+        elif key in ("network_args", "optimizer_args") and isinstance(value, Mapping):
+            typed[key] = dict(value)  # a TOML table: already typed
+        else:
+            typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=base_dir)
+    return typed
+
+
+# ---------------------------------------------------------------------------------------------------- args
+
+
+def _key_values(items: Sequence[str] | Mapping[str, Any], option: str) -> list[tuple[str, Any]]:
+    if isinstance(items, Mapping):
+        return list(items.items())
+    pairs = []
+    for item in items:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(option, item, "expected key=value, e.g. conv_dim=8")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def parse_network_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`network_args` -> {"args": NetworkArgs fields, "blockwise": BlockwiseConfig fields, "loraplus": ratios,
+    "raw": (key, text) pairs as written}. Values are typed by the field they set ("algo=loha", "dropout=0.1",
+    "dora_wd=True", "down_lr_weight=sine+0.5", "block_dims=2,4,...")."""
+    types = {**field_types(NetworkArgs), **field_types(BlockwiseConfig), **{k: float | None for k in LORA_PLUS}}
+    out: dict[str, dict[str, Any]] = {"args": {}, "blockwise": {}, "loraplus": {}, "raw": {}}
+    for key, value in _key_values(items, "network_args"):
+        if key not in types:
+            raise ConfigError(f"network_args.{key}", value, f"unknown network argument{suggest(key, types)}")
+        typed = coerce(value, types[key], name=f"network_args.{key}")
+        part = "loraplus" if key in LORA_PLUS else "blockwise" if key in field_types(BlockwiseConfig) else "args"
+        out[part][key] = typed
+        out["raw"][key] = value if isinstance(value, str) else str(value)
+    return out
+
+
+def parse_optimizer_args(items: Sequence[str] | Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """`optimizer_args` -> typed pairs, literal-eval style: "weight_decay=0.1" -> 0.1, "betas=0.9,0.99" ->
+    (0.9, 0.99), "relative_step=False" -> False (lower-case true/false/none too); other text stays text."""
+    words = {"true": True, "false": False, "none": None}
+    pairs = []
+    for key, value in _key_values(items, "optimizer_args"):
+        if not key.isidentifier():
+            raise ConfigError(f"optimizer_args.{key}", value, "not a keyword argument name")
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                value = words.get(value.lower(), value)
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+
+
+def _merge_network_extras(opts: dict[str, Any], parsed: dict[str, dict[str, Any]]) -> None:
+    """Block-wise and LoRA+ options may be top-level or in network_args (sd-scripts' place); both must agree."""
+    for part in ("blockwise", "loraplus"):
+        for key, value in parsed[part].items():
+            if key in opts and opts[key] != value:
+                raise ConfigError(key, opts[key], f"also given in network_args as {value!r}")
+            opts[key] = value
+
+
+def _legacy_optimizer_flags(opts: dict[str, Any]) -> None:
+    for flag, name in (("use_8bit_adam", "AdamW8bit"), ("use_lion_optimizer", "Lion")):
+        if opts.pop(flag, False):
+            if opts.get("optimizer_type", name).lower() != name.lower():
+                raise ConfigError(flag, True, f"conflicts with optimizer_type = {opts['optimizer_type']!r}")
+            opts["optimizer_type"] = name
+
+
+def _datasets(opts: dict[str, Any], dataset_doc: Mapping[str, Any] | None, dataset_base: Path | None,
+              source: str, notes: list[str]) -> tuple:
+    fallback = {k: v for k, v in opts.items() if OPTIONS[k].section == "dataset"}
+    if "train_batch_size" in opts:
+        fallback["batch_size"] = opts["train_batch_size"]
+    if dataset_doc is not None:
+        if opts.get("train_data_dir") or opts.get("reg_data_dir"):
+            notes.append("train_data_dir / reg_data_dir ignored: the dataset config is used (as in sd-scripts)")
+        datasets, extra = resolve_datasets(dataset_doc, base_dir=dataset_base or Path.cwd(), fallback=fallback,
+                                           source=source)
+    elif opts.get("train_data_dir") is not None:
+        datasets, extra = datasets_from_folders(opts["train_data_dir"], opts.get("reg_data_dir"), fallback=fallback)
+    else:
+        raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders) or "
+                          "dataset_config (a dataset TOML)")
+    notes.extend(extra)
+    return datasets
+
+
+def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] | None = None,
+                 dataset_base: Path | None = None, notes: Sequence[str] = (), source: Path | None = None,
+                 dataset_source: str = "dataset_config") -> TrainConfig:
+    """A TrainConfig from typed options with sd-scripts' names (the output of `convert_options`).
+
+    Args:
+        options: {name: typed value}; the UI can pass its values here directly.
+        dataset_doc: a parsed dataset TOML, if any (else train_data_dir's kohya folders are used).
+        dataset_base: folder that the dataset TOML's relative image_dir paths are relative to.
+        notes: notes gathered so far (no-effect options); more are added.
+    """
+    opts, notes = dict(options), list(notes)
+    _legacy_optimizer_flags(opts)
+    parsed = parse_network_args(opts.pop("network_args", ()))
+    _merge_network_extras(opts, parsed)
+    optimizer_args = parse_optimizer_args(opts.pop("optimizer_args", ()))
+    if opts.get("masked_loss") and "alpha_mask" not in opts:
+        opts["alpha_mask"] = True  # sd-scripts' masked loss reads the alpha channel
+    datasets = _datasets(opts, dataset_doc, dataset_base, dataset_source, notes)
+    kwargs: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "blockwise")}
+    for name, value in opts.items():
+        section = OPTIONS[name].section
+        if section in kwargs and value is not None:
+            kwargs[section][name] = value
+    kwargs["network"].update(network_args=NetworkArgs(**parsed["args"]), network_args_raw=tuple(parsed["raw"].items()),
+                             blockwise=BlockwiseConfig(**kwargs["blockwise"]))
+    kwargs["optimizer"]["optimizer_args"] = optimizer_args
+    kwargs["data"]["datasets"] = datasets
+    sections = {name: cls(**kwargs[name]) for name, cls in SECTIONS.items()}
+    return TrainConfig(**sections, notes=tuple(notes), source=source)
+
+
+def load_config(path: str | Path | None, dataset_config: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load a run TOML (sd-scripts names), an optional dataset TOML, and command-line overrides.
+
+    Args:
+        path: the run TOML, or None to build from overrides alone.
+        dataset_config: a dataset TOML (wins over the run's `dataset_config` key), relative to the working dir.
+        overrides: command-line tokens, e.g. ["--learning_rate", "1e-4", "--flip_aug", "--network_args", "conv_dim=4"].
+
+    Raises:
+        ConfigError: unknown option (with the closest name), bad value (naming the option), missing data.
+        FileFormatError: a TOML that does not parse.
+    """
+    notes: list[str] = []
+    raw, inline, source = {}, None, None
+    if path is not None:
+        source = Path(path).resolve()
+        raw, inline = flatten_run_toml(read_toml(source), str(source))
+    opts = convert_options(raw, base_dir=source.parent if source else None, notes=notes)
+    opts.update(convert_options(dict(parse_overrides(overrides)), base_dir=Path.cwd(), notes=notes))
+    if dataset_config is not None:
+        opts["dataset_config"] = Path(dataset_config).resolve()
+    dataset_doc, dataset_base, dataset_source = inline, source.parent if source else None, str(source)
+    if opts.get("dataset_config") is not None:
+        ds_path = Path(opts["dataset_config"]).resolve()
+        dataset_doc, dataset_base, dataset_source = read_toml(ds_path), ds_path.parent, str(ds_path)
+    return build_config(opts, dataset_doc=dataset_doc, dataset_base=dataset_base, notes=notes, source=source,
+                        dataset_source=dataset_source)
+
+
+def options_from_command_line(command: str) -> list[str]:
+    """The option tokens of an sd-scripts command line (`accelerate launch ... train_network.py --a=1 ...`)."""
+    import shlex
+
+    tokens = shlex.split(command.replace("\\\n", " "))
+    start = next((i + 1 for i, t in enumerate(tokens) if t.endswith(".py")), 0)
+    return tokens[start:]
+
+
+# ---------------------------------------------------------------------------------------------------- block ids
+# sd-scripts counts blocks its own way: SD1/SD2 lr weights are 12 down + 1 mid + 12 up and block dims 25
+# (IN00..IN11, M00, OUT00..OUT11); SDXL lr weights are 9 down + 3 mid + 9 up and block dims 23 (time embedding,
+# IN00..IN08, three middle parts, OUT00..OUT08, out). Here they become `blocks.py` ids. SDXL's three middle parts
+# share the one id M00, so they must agree; the time-embedding and out slots hold no LoRA module and are dropped.
+
+
+@dataclass(frozen=True)
+class BlockRank:
+    dim: int
+    alpha: float
+
+
+def _sd_counts(arch: Arch) -> tuple[int, int]:
+    return (9, 3) if arch is Arch.SDXL else (12, 1)
+
+
+def _expand_lr(value: tc.LrWeight | None, n: int, name: str) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        preset, _, base = value.partition("+")
+        offset = float(base) if base else 0.0
+        ramp = [i / (n - 1) for i in range(n)]
+        curves = {"sine": [math.sin(math.pi * r / 2) for r in ramp], "linear": ramp, "zeros": [0.0] * n,
+                  "cosine": [math.sin(math.pi * r / 2) for r in reversed(ramp)], "reverse_linear": ramp[::-1]}
+        return [v + offset for v in curves[preset]]
+    if len(value) > n:
+        raise ConfigError(name, value, f"{len(value)} values for {n} blocks")
+    return list(value) + [1.0] * (n - len(value))  # sd-scripts fills missing blocks with 1
+
+
+def _one_middle(values: list[float], name: str) -> float:
+    if len(set(values)) > 1:
+        raise ConfigError(name, values, "SDXL's middle block is one block id (M00) here: give equal values")
+    return values[0]
+
+
+def lr_weights_by_block(blockwise: BlockwiseConfig, arch: Arch) -> dict[str, float] | None:
+    """U-Net block id -> lr multiplier from down/mid/up_lr_weight (None when not set); values at or below
+    block_lr_zero_threshold become 0 (those blocks are then not trained)."""
+    if all(v is None for v in (blockwise.down_lr_weight, blockwise.mid_lr_weight, blockwise.up_lr_weight)):
+        return None
+    n, n_mid = _sd_counts(arch)
+    down = _expand_lr(blockwise.down_lr_weight, n, "down_lr_weight") or [1.0] * n
+    up = _expand_lr(blockwise.up_lr_weight, n, "up_lr_weight") or [1.0] * n
+    mid = list(blockwise.mid_lr_weight or [1.0])
+    if len(mid) > n_mid:
+        raise ConfigError("mid_lr_weight", mid, f"{len(mid)} values for {n_mid} middle block(s)")
+    weights = {f"IN{i:02d}": w for i, w in enumerate(down)}
+    weights["M00"] = _one_middle(mid, "mid_lr_weight")
+    weights.update({f"OUT{i:02d}": w for i, w in enumerate(up)})
+    return {k: (w if w > blockwise.block_lr_zero_threshold else 0.0) for k, w in weights.items()}
+
+
+def _block_values(values: tuple, arch: Arch, name: str) -> dict[str, Any]:
+    if arch is not Arch.SDXL:
+        if len(values) != 25:
+            raise ConfigError(name, values, f"{arch.label} needs 25 values (IN00..IN11, M00, OUT00..OUT11)")
+        return dict(zip(BLOCK_IDS_26[1:], values))
+    if len(values) != 23:
+        raise ConfigError(name, values, "SDXL needs 23 values (time embedding, IN00..IN08, 3 middle, OUT00..08, out)")
+    out = {f"IN{i:02d}": values[1 + i] for i in range(9)}
+    out["M00"] = _one_middle(list(values[10:13]), name)
+    out.update({f"OUT{i:02d}": values[13 + i] for i in range(9)})
+    return out
+
+
+def dims_by_block(network: NetworkConfig, arch: Arch, *, conv: bool = False) -> dict[str, BlockRank] | None:
+    """U-Net block id -> (dim, alpha) for linear (or 3x3 conv) modules, from block_dims / block_alphas
+    (conv_block_*), defaulting to network_dim / alpha (conv_dim / conv_alpha). None when not block-wise.
+    A block whose lr weight is 0 gets dim 0 (no module), as sd-scripts does."""
+    bw = network.blockwise
+    dims, alphas = (bw.conv_block_dims, bw.conv_block_alphas) if conv else (bw.block_dims, bw.block_alphas)
+    lrs = lr_weights_by_block(bw, arch)
+    if dims is None and lrs is None:
+        return None
+    default_dim = network.network_args.conv_dim if conv else network.network_dim
+    default_alpha = network.conv_alpha if conv else network.alpha
+    if dims is None and default_dim is None:
+        return None  # no conv modules at all
+    ids = list(lrs) if lrs is not None else list(_block_values(dims, arch, "block_dims"))
+    dim_of = _block_values(dims, arch, "conv_block_dims" if conv else "block_dims") if dims else {}
+    alpha_of = _block_values(alphas, arch, "conv_block_alphas" if conv else "block_alphas") if alphas else {}
+    out = {}
+    for block in ids:
+        dim = 0 if lrs is not None and lrs[block] == 0 else int(dim_of.get(block, default_dim))
+        alpha = float(alpha_of.get(block, default_alpha))
+        out[block] = BlockRank(dim, float(dim) if alpha == 0 else alpha)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- ss_*
+
+
+def _base_model_version(model: tc.ModelConfig) -> str:
+    if model.sdxl:
+        return "sdxl_base_v1-0"
+    return ("sd_v2" if model.v2 else "sd_v1") + ("_v" if model.v_parameterization else "")
+
+
+def training_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """sd-scripts' training-parameter `ss_*` values (strings, `str()` of the value as sd-scripts writes them).
+
+    Run-time values (session id, times, steps, epochs, ss_optimizer, hashes, dataset values) are added by the
+    writer; `ss_network_alpha` is the effective alpha (0 written as dim)."""
+    net, opt, run, loss, data = cfg.network, cfg.optimizer, cfg.run, cfg.loss, cfg.data
+    sub = data.subsets[0]
+    meta: dict[str, Any] = {
+        "ss_output_name": cfg.output.output_name, "ss_learning_rate": opt.learning_rate,
+        "ss_text_encoder_lr": opt.text_encoder_lr, "ss_unet_lr": opt.unet_lr,
+        "ss_gradient_checkpointing": run.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": run.gradient_accumulation_steps, "ss_max_train_steps": run.max_train_steps,
+        "ss_lr_warmup_steps": opt.lr_warmup_steps, "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_network_module": net.network_module, "ss_network_dim": net.network_dim, "ss_network_alpha": net.alpha,
+        "ss_network_dropout": net.network_dropout, "ss_mixed_precision": run.mixed_precision, "ss_full_fp16": False,
+        "ss_v2": cfg.model.v2, "ss_base_model_version": _base_model_version(cfg.model),
+        "ss_clip_skip": cfg.model.clip_skip, "ss_max_token_length": cfg.model.max_token_length,
+        "ss_cache_latents": data.caches_latents, "ss_seed": run.seed, "ss_lowram": False,
+        "ss_noise_offset": loss.noise_offset, "ss_multires_noise_iterations": loss.multires_noise_iterations,
+        "ss_multires_noise_discount": loss.multires_noise_discount, "ss_adaptive_noise_scale": None,
+        "ss_zero_terminal_snr": False, "ss_training_comment": cfg.output.training_comment,
+        "ss_max_grad_norm": opt.max_grad_norm, "ss_caption_dropout_rate": sub.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": sub.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": sub.caption_tag_dropout_rate, "ss_face_crop_aug_range": None,
+        "ss_prior_loss_weight": loss.prior_loss_weight, "ss_min_snr_gamma": loss.min_snr_gamma,
+        "ss_scale_weight_norms": net.scale_weight_norms, "ss_ip_noise_gamma": None, "ss_debiased_estimation": False,
+        "ss_noise_offset_random_strength": loss.noise_offset_random_strength,
+        "ss_ip_noise_gamma_random_strength": False, "ss_loss_type": "l2", "ss_fp8_base": False,
+        "ss_fp8_base_unet": False, "ss_validation_seed": data.datasets[0].validation_seed,
+        "ss_validation_split": data.datasets[0].validation_split,
+        "ss_max_validation_steps": cfg.validation.max_validation_steps,
+        "ss_validate_every_n_epochs": cfg.validation.validate_every_n_epochs,
+        "ss_validate_every_n_steps": cfg.validation.validate_every_n_steps,
+        "ss_resize_interpolation": sub.resize_interpolation,
+    }
+    if net.network_args_raw:
+        args = dict(net.network_args_raw)
+        args.setdefault("dropout", net.network_dropout)  # sd-scripts adds it (a LyCORIS workaround)
+        meta["ss_network_args"] = json.dumps(args)
+    return {k: str(v) for k, v in meta.items()}
+
+
+def no_effect_table() -> str:
+    """Markdown table of sd-scripts options accepted without effect, and why (for docs and --help)."""
+    rows = [f"| `{name}` | {reason} |" for name, reason in sorted(NO_EFFECT.items())]
+    return "\n".join(["| option | why it has no effect here |", "|---|---|", *rows])
