@@ -104,7 +104,6 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "save_n_epoch_ratio": (int | None, None, "use save_every_n_epochs"),
     "text_encoder_batch_size": (int | None, None, "text-encoder outputs are cached with a fixed batch size"),
     "dataset_repeats": (int, 1, "fine-tuning datasets are not supported (repeats come from folder names)"),
-    "log_with": (str, "tensorboard", "only TensorBoard logging is implemented"),
     **{k: (Any, default, reason) for k, (default, reason) in DATASET_UNSUPPORTED.items()},
 }
 ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
@@ -143,6 +142,9 @@ def _option_table() -> dict[str, Option]:
 
 
 OPTIONS = _option_table()
+if set(OPTIONS) & (set(NO_EFFECT) | set(UNSUPPORTED)):
+    raise RuntimeError(f"options both known and listed as no-effect/unsupported: "
+                       f"{sorted(set(OPTIONS) & (set(NO_EFFECT) | set(UNSUPPORTED)))}")
 
 
 def known_names() -> set[str]:
@@ -360,6 +362,10 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
     if opts.get("masked_loss") and "alpha_mask" not in opts:
         opts["alpha_mask"] = True  # sd-scripts' masked loss reads the alpha channel
     datasets = _datasets(opts, dataset_doc, dataset_base, dataset_source, notes)
+    if opts.get("lr_scheduler_min_lr_ratio") is not None and str(opts.get("lr_scheduler", "constant")).lower() \
+            not in ("cosine_with_restarts", "cosine_with_min_lr"):
+        notes.append("lr_scheduler_min_lr_ratio: no effect with this lr_scheduler (it is the floor of "
+                     "cosine_with_restarts and cosine_with_min_lr)")
     kwargs: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "blockwise")}
     for name, value in opts.items():
         section = OPTIONS[name].section

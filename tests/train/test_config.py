@@ -344,3 +344,84 @@ def test_empty_data_config_is_an_error():
     with pytest.raises(ConfigError, match="no dataset") as err:
         DataConfig(datasets=())
     assert err.value.field == "datasets"
+
+
+# Every option name the issue lists, with a valid non-default value, and where it must land.
+ISSUE_OPTIONS = {
+    "pretrained_model_name_or_path": ("m.safetensors", "model"), "v2": (True, "model"),
+    "v_parameterization": (True, "model"), "clip_skip": (2, "model"), "max_token_length": (225, "model"),
+    "output_dir": ("out", "output"), "output_name": ("mylora", "output"), "save_precision": ("fp16", "output"),
+    "save_every_n_epochs": (2, "output"), "save_every_n_steps": (50, "output"), "save_last_n_epochs": (3, "output"),
+    "save_last_n_steps": (200, "output"), "save_last_n_epochs_state": (2, "output"),
+    "save_last_n_steps_state": (100, "output"), "no_metadata": (True, "output"), "training_comment": ("hi", "output"),
+    "metadata_title": ("T", "output"), "metadata_author": ("A", "output"), "metadata_description": ("D", "output"),
+    "metadata_license": ("L", "output"), "metadata_tags": ("a,b", "output"),
+    "network_module": ("networks.lora", "network"), "network_dim": (16, "network"), "network_alpha": (8, "network"),
+    "network_train_unet_only": (True, "network"), "network_weights": ("prev.safetensors", "network"),
+    "scale_weight_norms": (1.0, "network"), "network_dropout": (0.1, "network"),
+    "loraplus_lr_ratio": (16.0, "network"), "loraplus_unet_lr_ratio": (8.0, "network"),
+    "loraplus_text_encoder_lr_ratio": (4.0, "network"),
+    "learning_rate": (2e-4, "optimizer"), "unet_lr": (1e-4, "optimizer"), "text_encoder_lr": (5e-5, "optimizer"),
+    "optimizer_type": ("Lion", "optimizer"), "lr_scheduler": ("cosine_with_restarts", "optimizer"),
+    "lr_warmup_steps": (10, "optimizer"), "lr_scheduler_num_cycles": (3, "optimizer"),
+    "lr_scheduler_power": (2.0, "optimizer"), "lr_scheduler_min_lr_ratio": (0.5, "optimizer"),
+    "max_grad_norm": (0.5, "optimizer"),
+    "max_train_steps": (123, "run"), "max_train_epochs": (4, "run"), "train_batch_size": (2, "run"),
+    "gradient_accumulation_steps": (2, "run"), "gradient_checkpointing": (True, "run"),
+    "mixed_precision": ("fp16", "run"), "save_state": (True, "run"), "resume": ("state_dir", "run"),
+    "seed": (7, "run"),
+    "cache_latents": (True, "data"), "cache_latents_to_disk": (True, "data"),
+    "min_snr_gamma": (5.0, "loss"), "noise_offset": (0.05, "loss"), "multires_noise_iterations": (6, "loss"),
+    "multires_noise_discount": (0.2, "loss"), "prior_loss_weight": (0.5, "loss"), "masked_loss": (True, "loss"),
+    "sample_every_n_steps": (100, "sampling"), "sample_every_n_epochs": (1, "sampling"),
+    "sample_prompts": ("prompts.txt", "sampling"), "sample_sampler": ("k_euler_a", "sampling"),
+    "logging_dir": ("logs", "logging"), "log_prefix": ("run1", "logging"),
+    "validate_every_n_steps": (50, "validation"),
+    "divergence_guard": (False, "guard"), "guard_spike_factor": (4.0, "guard"), "guard_window": (20, "guard"),
+    "guard_patience": (5, "guard"), "guard_max_rollbacks": (2, "guard"), "guard_lr_decay": (0.3, "guard"),
+}
+DATASET_ISSUE_OPTIONS = {  # top-level fallbacks of every subset / dataset
+    "resolution": ((64, 64), "64,64"), "enable_bucket": (True, True), "min_bucket_reso": (64, 64),
+    "max_bucket_reso": (128, 128), "bucket_reso_steps": (32, 32), "bucket_no_upscale": (True, True),
+    "caption_extension": (".txt", ".txt"), "shuffle_caption": (False, False), "keep_tokens": (2, 2),
+    "keep_tokens_separator": ("|||", "|||"), "caption_dropout_rate": (0.1, 0.1),
+    "caption_dropout_every_n_epochs": (3, 3), "caption_tag_dropout_rate": (0.2, 0.2), "flip_aug": (True, True),
+    "color_aug": (False, False), "random_crop": (False, False), "alpha_mask": (True, True),
+    "validation_split": (0.25, 0.25),
+}
+BLOCKWISE_ISSUE_OPTIONS = {
+    "down_lr_weight": ("sine+0.5", "sine+0.5"), "mid_lr_weight": ("0.5", (0.5,)),
+    "up_lr_weight": ("1,1,0.5", (1, 1, .5)),
+    "block_lr_zero_threshold": (0.1, 0.1), "block_dims": (",".join(["4"] * 25), (4,) * 25),
+    "block_alphas": (",".join(["2"] * 25), (2.0,) * 25), "conv_block_dims": (",".join(["2"] * 25), (2,) * 25),
+    "conv_block_alphas": (",".join(["1"] * 25), (1.0,) * 25),
+}
+
+
+def test_every_issue_option_lands_in_its_field(tmp_path):
+    from lib_lora.train.toml_config import build_config, convert_options
+
+    _images(tmp_path / "10_sks", 2)
+    raw = {name: value for name, (value, _) in ISSUE_OPTIONS.items()}
+    raw.update({name: value for name, (value, _) in BLOCKWISE_ISSUE_OPTIONS.items()})
+    raw.update({name: value for name, (_, value) in DATASET_ISSUE_OPTIONS.items()})
+    raw.update(train_data_dir=str(tmp_path), network_args=["conv_dim=4"], optimizer_args=["weight_decay=0.1"])
+    notes: list[str] = []
+    cfg = build_config(convert_options(raw, base_dir=tmp_path, notes=notes), notes=notes)
+    for name, (value, section) in ISSUE_OPTIONS.items():
+        got = getattr(getattr(cfg, section), name)
+        assert got == (tmp_path / value if isinstance(got, Path) else value), name
+    for name, (_, expected) in BLOCKWISE_ISSUE_OPTIONS.items():
+        assert getattr(cfg.network.blockwise, name) == expected, name
+    sub, ds = cfg.data.datasets[0].subsets[0], cfg.data.datasets[0]
+    for name, (expected, _) in DATASET_ISSUE_OPTIONS.items():
+        assert getattr(sub if hasattr(sub, name) and name != "resolution" else ds, name) == expected, name
+    assert ds.batch_size == 2 and cfg.optimizer.kwargs == {"weight_decay": 0.1}
+    assert cfg.network.network_args.conv_dim == 4 and cfg.data.caches_latents
+
+
+def test_option_tables_are_disjoint():
+    from lib_lora.train.toml_config import OPTIONS, UNSUPPORTED
+
+    assert not set(OPTIONS) & set(NO_EFFECT) and not set(OPTIONS) & set(UNSUPPORTED)
+    assert not set(NO_EFFECT) & set(UNSUPPORTED)
