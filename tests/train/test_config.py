@@ -425,3 +425,11 @@ def test_option_tables_are_disjoint():
 
     assert not set(OPTIONS) & set(NO_EFFECT) and not set(OPTIONS) & set(UNSUPPORTED)
     assert not set(NO_EFFECT) & set(UNSUPPORTED)
+
+
+def test_total_steps_from_epochs(guide_dirs):
+    run = guide_dirs / "run.toml"
+    run.write_text(RUN_TOML, encoding="utf-8")
+    assert load_config(run).total_steps(120) == 800
+    cfg = load_config(run, overrides=["--max_train_epochs", "3", "--gradient_accumulation_steps", "2"])
+    assert cfg.total_steps(120) == 3 * 60 and cfg.total_steps(120, num_processes=2) == 3 * 30

@@ -385,3 +385,17 @@ def test_sd_scripts_summaries(tmp_path):
     assert meta["ss_num_train_images"] == "25" and meta["ss_num_reg_images"] == "1"
     assert meta["ss_resolution"] == "(64, 64)" and meta["ss_bucket_info"] == "null"
     assert meta["ss_total_batch_size"] == "4" and "ss_datasets" not in meta
+
+
+def test_separate_validation_folder(tmp_path):
+    from lib_lora.train.data.dataset_config import validation_datasets
+
+    for i in range(3):
+        _image(tmp_path / "val" / f"v{i}.png", seed=i, caption="v")
+    _image(tmp_path / "valk" / "2_cat" / "c.png", caption="c")
+    (plain,) = validation_datasets(tmp_path / "val", fallback={"caption_extension": ".txt", "resolution": (64, 64)})
+    assert plain.subsets[0].num_repeats == 1 and plain.resolution == (64, 64)
+    ds = build_dataset([plain], split="all", evaluation=True)
+    assert len(ds.items) == 3 and ds.evaluation and ds.num_batches_per_epoch == 3
+    (kohya,) = validation_datasets(tmp_path / "valk", fallback={"resolution": (64, 64)})
+    assert kohya.subsets[0].class_tokens == "cat" and kohya.subsets[0].num_repeats == 2
