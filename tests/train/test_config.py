@@ -82,7 +82,7 @@ def _images(folder: Path, n: int, size=(48, 64), caption: str | None = "sks, red
 def guide_dirs(tmp_path: Path) -> Path:
     """The folder layout of the guide: any_dir/train/{10_AAA,10_BBB}, any_dir/reg/10_AAA, settings.toml."""
     train = tmp_path / "any_dir" / "train"
-    _images(train / "path" / "to" / "images", 3, size=(384, 512))
+    _images(train / "path" / "to" / "images", 3, size=(96, 128))  # resized to 384x512 when loaded
     _images(train / "10_AAA", 2)
     _images(train / "10_BBB", 2)
     _images(tmp_path / "any_dir" / "reg" / "10_AAA", 3, caption=None)
