@@ -33,6 +33,15 @@ from lib_lora.types import Arch, component_of
 MODES = ("merge", "hooked")
 
 
+def fits_dtype(weight: Tensor, dtype: torch.dtype) -> bool:
+    """True when a float32 weight is finite and stays finite cast to `dtype` (one min/max pass; NaN fails)."""
+    if weight.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(weight)
+    limit = torch.finfo(dtype).max
+    return bool(lo >= -limit) and bool(hi <= limit)
+
+
 @dataclass(frozen=True)
 class Application:
     """One network in the stack and its strengths (A1111's te/unet multipliers, lbw block weights)."""
@@ -223,7 +232,8 @@ class WeightPatcher:
         if backup is None:
             backup = param.detach().to("cpu" if param.is_cuda else param.device, copy=True)
             self._backups[key] = backup
-        weight = backup.to(device=param.device, dtype=torch.float32, copy=True)  # row blocks are written in place
+        fused = any(t.rows is not None for t in slot.targets)  # row blocks are written in place: copy first
+        weight = backup.to(device=param.device, dtype=torch.float32, copy=fused)
         for t in slot.targets:
             entries = stacks.get(t.name, ())
             if not entries:
@@ -235,9 +245,9 @@ class WeightPatcher:
                 weight = part
             else:
                 weight[t.rows[0] : t.rows[1]] = part
-        if not torch.isfinite(weight).all():
+        if not fits_dtype(weight, param.dtype):
             raise NonFiniteError(slot.targets[0].name, f"{slot.attr} after merge", "(a strength too large?)")
-        param.copy_(weight.to(param.dtype))
+        param.copy_(weight)
         self._write_bias(slot, stacks)
 
     def _write_bias(self, slot: _Slot, stacks: dict[str, tuple[Entry, ...]]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load_bytes
+from safetensors.torch import load_file as st_load_path
 from safetensors.torch import save_file as st_save_file
 
 from lib_lora.errors import FileFormatError
@@ -138,9 +138,7 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> Lo
     """
     header = read_header(path)
     try:
-        with open(header.path, "rb") as f:
-            data = f.read()
-        tensors = st_load_bytes(data)
+        tensors = st_load_path(header.path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; re-raise with the path
         raise FileFormatError(header.path, f"could not decode tensors: {exc}") from exc
     if device != "cpu":

@@ -52,6 +52,16 @@ def _as_float(t: Tensor) -> Tensor:
     return t.to(torch.float32)
 
 
+def all_finite(t: Tensor) -> bool:
+    """True when no element is NaN or inf. A float32 sum is finite exactly when every element is, unless the
+    sum overflows, so that cheap reduction decides and the element-wise check runs only when it fails."""
+    if not t.is_floating_point():
+        return True
+    if torch.isfinite(t.to(torch.float32).sum()):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class NetworkModule(nn.Module):
     """One LoRA-family module (one target weight). Subclasses: one per algorithm, in their own file."""
 
@@ -81,14 +91,14 @@ class NetworkModule(nn.Module):
     def from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str = "") -> NetworkModule:
         """Build the module from a file's tensors for one module (keys are file suffixes)."""
         for suffix, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise NonFiniteError(source or "network", f"{name}.{suffix}")
         module = cls._from_tensors(name, tensors, source)
         module.source = source
         if cls.uses_alpha and "alpha" in tensors:
             module.alpha = tensors["alpha"].detach().to(torch.float32).reshape(())
         if "dora_scale" in tensors:
-            module.dora_scale = nn.Parameter(tensors["dora_scale"].detach().clone(), requires_grad=False)
+            module.dora_scale = nn.Parameter(tensors["dora_scale"].detach(), requires_grad=False)
         return module
 
     @classmethod
@@ -145,6 +155,7 @@ class NetworkModule(nn.Module):
 
     def bias_delta(self) -> Tensor | None:
         return None
+
 
     def merged(self, w0: Tensor, multiplier: float) -> Tensor:
         """W' at `multiplier` in float32 (w0 is converted)."""

@@ -28,7 +28,7 @@ class FullModule(NetworkModule):
     @classmethod
     def _from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str) -> FullModule:
         diff_b = tensors.get("diff_b")
-        return cls(name, tensors["diff"].detach().clone(), None if diff_b is None else diff_b.detach().clone())
+        return cls(name, tensors["diff"].detach(), None if diff_b is None else diff_b.detach())
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int = 0, alpha: float | None = None, *,

@@ -30,7 +30,7 @@ class IA3Module(NetworkModule):
     @classmethod
     def _from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str) -> IA3Module:
         on_input = bool(tensors["on_input"].item()) if "on_input" in tensors else False
-        return cls(name, tensors["weight"].detach().clone(), on_input)
+        return cls(name, tensors["weight"].detach(), on_input)
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int = 0, alpha: float | None = None, *, on_input: bool = False,

@@ -46,7 +46,7 @@ class LoHaModule(NetworkModule):
             raise ShapeMismatchError(source, f"{name}.{missing[0]}", ("present",), ("missing",), "LoHa needs all four")
         if ("hada_t1" in tensors) != ("hada_t2" in tensors):
             raise ShapeMismatchError(source, f"{name}.hada_t1", ("both t1 and t2",), ("only one",))
-        return cls(name, {k: v.detach().clone() for k, v in tensors.items() if k in cls.tensor_names})
+        return cls(name, {k: v.detach() for k, v in tensors.items() if k in cls.tensor_names})
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *,

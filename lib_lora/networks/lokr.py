@@ -56,7 +56,7 @@ class LoKrModule(NetworkModule):
         if not (has1 and has2):
             which = "lokr_w1" if not has1 else "lokr_w2"
             raise ShapeMismatchError(source, f"{name}.{which}", ("present",), ("missing",), "LoKr needs both factors")
-        return cls(name, {k: v.detach().clone() for k, v in tensors.items() if k in cls.tensor_names})
+        return cls(name, {k: v.detach() for k, v in tensors.items() if k in cls.tensor_names})
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *, factor: int = -1,

@@ -49,7 +49,7 @@ class LoRAModule(NetworkModule):
         if up.dim() < 2 or up.shape[1] != rank or (mid is not None and tuple(mid.shape[:2]) != (rank, rank)):
             raise ShapeMismatchError(source, f"{name}.lora_up.weight", (up.shape[0], rank), tuple(up.shape),
                                      "rank of lora_up must equal rows of lora_down")
-        return cls(name, down.detach().clone(), up.detach().clone(), None if mid is None else mid.detach().clone())
+        return cls(name, down.detach(), up.detach(), None if mid is None else mid.detach())
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *,
@@ -89,6 +89,15 @@ class LoRAModule(NetworkModule):
             mid = self.lora_mid.weight.to(torch.float32)
             dw = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.flatten(1), down.flatten(1))
         return dw.reshape(w0.shape) * self.scale
+
+    def merged(self, w0: Tensor, multiplier: float) -> Tensor:
+        if self.dora_scale is not None or self.lora_mid is not None:
+            return super().merged(w0, multiplier)
+        # one fused multiply-add into a float32 copy of W0: the hot path of applying a LoRA
+        up = self.lora_up.weight.flatten(1).to(torch.float32)
+        down = self.lora_down.weight.flatten(1).to(torch.float32)
+        base = w0.to(torch.float32).reshape(up.shape[0], -1)
+        return torch.addmm(base, up, down, alpha=multiplier * self.scale).reshape(w0.shape)
 
     def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
         if self.dora_scale is not None:
