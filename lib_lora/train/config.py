@@ -2,22 +2,24 @@
 
 Field names are sd-scripts' option names (`cfg.network.network_dim` is `--network_dim`), so a TOML key or a
 `--key value` override finds its field by name alone (`toml_config` builds that table from these classes, and
-`coerce` turns a TOML or command-line value into the field's declared type). Every check raises
-`ConfigError(field, value, reason)` naming the option the user wrote. The data sections (datasets, subsets,
-caching) live beside the data pipeline in `train.data.config`.
+`coerce.coerce` turns a TOML or command-line value into the field's declared type). Every check (`coerce.check*`)
+raises `ConfigError(field, value, reason)` naming the option the user wrote. The data sections (datasets, subsets,
+caching) live beside the data pipeline in `train.data.config`; the block-wise section, with its conversion to block
+ids, in `train.blockwise`.
 """
 from __future__ import annotations
 
 import math
-import shlex
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lib_lora.errors import ConfigError
 from lib_lora.train import optimizers, schedulers
+
+# Also re-exported for importers of `train.config`: the checks, coercion and block-wise section live beside it.
+from lib_lora.train.blockwise import LR_WEIGHT_PRESETS, BlockwiseConfig, LrWeight  # noqa: F401
+from lib_lora.train.coerce import check, check_choice, check_fraction, check_positive, coerce, field_types  # noqa: F401
 
 if TYPE_CHECKING:
     from lib_lora.train.data.config import DataConfig
@@ -31,32 +33,7 @@ NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networ
                    "networks.loha": "loha", "networks.lokr": "lokr", "lycoris.kohya": None}
 LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full")
 LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only")
-LR_WEIGHT_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 LOG_WITH = ("tensorboard", "none")
-
-
-def check(ok: bool, name: str, value: Any, reason: str) -> None:
-    """Raise ConfigError(name, value, reason) unless `ok`."""
-    if not ok:
-        raise ConfigError(name, value, reason)
-
-
-def check_positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
-    """None passes; a number must be > 0 (or >= 0)."""
-    if value is not None:
-        check(value >= 0 if allow_zero else value > 0, name, value, "must be >= 0" if allow_zero else "must be > 0")
-
-
-def check_fraction(name: str, value: float | None, *, inclusive_one: bool = False) -> None:
-    """None passes; a number must be in [0, 1) (or [0, 1])."""
-    if value is not None:
-        ok = 0.0 <= value <= 1.0 if inclusive_one else 0.0 <= value < 1.0
-        check(ok, name, value, "must be in [0, 1]" if inclusive_one else "must be in [0, 1)")
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> None:
-    """`value` must be one of `choices`."""
-    check(value in choices, name, value, f"must be one of {', '.join(map(str, choices))}")
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -83,51 +60,6 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------------- network
-
-LrWeight = str | tuple[float, ...]  # a preset such as "sine+0.5", or one value per block
-
-
-@dataclass(frozen=True, kw_only=True)
-class BlockwiseConfig:
-    """sd-scripts' block-wise lr weights and dims, as written (its counting); `toml_config` converts to block ids."""
-
-    down_lr_weight: LrWeight | None = None
-    mid_lr_weight: tuple[float, ...] | None = None
-    up_lr_weight: LrWeight | None = None
-    block_lr_zero_threshold: float = 0.0
-    block_dims: tuple[int, ...] | None = None
-    block_alphas: tuple[float, ...] | None = None
-    conv_block_dims: tuple[int, ...] | None = None
-    conv_block_alphas: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("down_lr_weight", "up_lr_weight"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                preset, _, base = value.partition("+")
-                check(preset in LR_WEIGHT_PRESETS, name, value,
-                      f"a preset must be one of {', '.join(LR_WEIGHT_PRESETS)} (optionally '+<float>'), "
-                      "or give comma-separated numbers")
-                if base:
-                    try:
-                        float(base)
-                    except ValueError:
-                        raise ConfigError(name, value, f"'+{base}' is not a number") from None
-        for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
-            value = getattr(self, name)
-            if value is not None:
-                # sd-scripts counts 25 blocks for SD1/SD2 (IN00..IN11, M00, OUT00..OUT11) and 23 for SDXL.
-                check(len(value) in (23, 25), name, value, f"needs 25 values (SD1/SD2) or 23 (SDXL), got {len(value)}")
-                check(all(v >= 0 for v in value), name, value, "values must be >= 0")
-        check(self.block_alphas is None or self.block_dims is not None, "block_alphas", self.block_alphas,
-              "needs block_dims")
-        check(self.conv_block_alphas is None or self.conv_block_dims is not None, "conv_block_alphas",
-              self.conv_block_alphas, "needs conv_block_dims")
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.down_lr_weight, self.mid_lr_weight, self.up_lr_weight,
-                                           self.block_dims, self.conv_block_dims))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,109 +448,3 @@ class TrainConfig:
             return self.run.max_train_steps
         per_epoch = math.ceil(batches_per_epoch / num_processes / self.run.gradient_accumulation_steps)
         return self.run.max_train_epochs * per_epoch
-
-
-# ---------------------------------------------------------------------------------------------------- coercion
-
-_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
-_INVALID = object()
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """Declared field types of a config dataclass (annotations resolved)."""
-    return typing.get_type_hints(cls)
-
-
-def coerce(value: Any, hint: Any, *, name: str, base_dir: Path | None = None) -> Any:
-    """Convert a TOML value or a command-line string to the declared type `hint`.
-
-    Strings are parsed ("true", "1e-4", "512,768", "conv_dim=4 conv_alpha=1" for a list of strings); TOML
-    values must already have a compatible type (an int for an int field; a float field takes ints). Relative
-    paths are joined to `base_dir`. Raises ConfigError(name, value, "expected ...") otherwise.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(value, args, name=name, base_dir=base_dir)
-    if origin is tuple:
-        return _coerce_tuple(value, args, name=name, base_dir=base_dir)
-    if hint is Any:
-        return value
-    parsed = _coerce_scalar(value, hint, base_dir)
-    if parsed is _INVALID:
-        raise ConfigError(name, value, f"expected {_type_name(hint)}")
-    return parsed
-
-
-def _coerce_scalar(value: Any, hint: Any, base_dir: Path | None) -> Any:
-    text = value.strip() if isinstance(value, str) else None
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if text is not None and text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if text is not None and text.lstrip("+-").isdigit():
-            return int(text)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if text is not None:
-            try:
-                return float(text)
-            except ValueError:
-                return _INVALID
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is Path:
-        if isinstance(value, (str, Path)) and str(value).strip():
-            path = Path(str(value).strip()).expanduser()
-            return path if path.is_absolute() or base_dir is None else base_dir / path
-    else:
-        raise TypeError(f"no coercion for field type {hint!r}")
-    return _INVALID
-
-
-def _coerce_union(value: Any, members: tuple, *, name: str, base_dir: Path | None) -> Any:
-    if type(None) in members and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
-        return None
-    options = [m for m in members if m is not type(None)]
-    if isinstance(value, str):  # "1,2" must become a tuple before `str` accepts it as text
-        options.sort(key=lambda m: m is str)
-    for member in options:
-        try:
-            return coerce(value, member, name=name, base_dir=base_dir)
-        except ConfigError:
-            continue
-    raise ConfigError(name, value, f"expected {' or '.join(_type_name(m) for m in options)}")
-
-
-def _coerce_tuple(value: Any, args: tuple, *, name: str, base_dir: Path | None) -> tuple:
-    variadic = len(args) == 2 and args[1] is Ellipsis
-    elem_types = [args[0]] if variadic else list(args)
-    if isinstance(value, str):
-        # A list of strings is a command line (network_args); a list of numbers is comma-separated.
-        items: list[Any] = shlex.split(value) if elem_types[0] is str else [v for v in value.split(",") if v.strip()]
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = [value]
-    if not variadic and len(items) == 1 and len(elem_types) == 2:
-        items = items * 2  # "512" means 512x512, as sd-scripts' resolution
-    if not variadic and len(items) != len(elem_types):
-        raise ConfigError(name, value, f"expected {len(elem_types)} values, got {len(items)}")
-    types_ = elem_types * len(items) if variadic else elem_types
-    return tuple(coerce(v, t, name=name, base_dir=base_dir) for v, t in zip(items, types_))
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        args = typing.get_args(hint)
-        inner = _type_name(args[0])
-        return f"a list of {inner}s" if args[-1] is Ellipsis else f"{len(args)} {inner}s (or one for all)"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", Path: "a path"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_lora.train.config import check, check_choice, check_fraction, check_positive
+from lib_lora.train.coerce import check, check_choice, check_fraction, check_positive
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "bicubic", "area", "box")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora.errors import ConfigError
-from lib_lora.train.config import coerce, field_types
+from lib_lora.train.coerce import coerce, field_types
 from lib_lora.train.data.config import DatasetConfig, DatasetOptions, SubsetConfig, SubsetOptions
 from lib_lora.train.data.folders import kohya_dirs, list_images
 
@@ -135,6 +135,17 @@ def resolve_datasets(toml: Mapping[str, Any], *, base_dir: Path, fallback: Mappi
     return tuple(datasets), notes
 
 
+def _run_options_dataset(subsets: list[dict[str, Any]], fallback: Mapping[str, Any], where: str) -> DatasetConfig:
+    """One dataset whose options all come from the run (no dataset TOML): a subset per dict of its own values."""
+    built = []
+    for own in subsets:
+        values, origins = _inherit(SUBSET_OPTION_TYPES, [("", fallback)])
+        values.update(own)
+        built.append(_build(SubsetConfig, values, origins, where))
+    values, origins = _inherit(DATASET_OPTION_TYPES, [("", fallback)])
+    return _build(DatasetConfig, {**values, "subsets": tuple(built)}, origins, where)
+
+
 def datasets_from_folders(train_data_dir: Path, reg_data_dir: Path | None, *,
                           fallback: Mapping[str, Any]) -> tuple[tuple[DatasetConfig, ...], list[str]]:
     """One dataset from kohya folders: a subset per `<repeats>_<name>` folder (reg folders marked is_reg)."""
@@ -142,23 +153,13 @@ def datasets_from_folders(train_data_dir: Path, reg_data_dir: Path | None, *,
     if reg_data_dir is not None:
         reg_dirs, reg_notes = kohya_dirs(reg_data_dir, is_reg=True, option="reg_data_dir")
         dirs, notes = dirs + reg_dirs, notes + reg_notes
-    subsets = []
-    for d in dirs:
-        values, origins = _inherit(SUBSET_OPTION_TYPES, [("", fallback)])
-        values.update(image_dir=d.path, is_reg=d.is_reg, num_repeats=d.num_repeats)
-        if d.class_tokens is not None:
-            values["class_tokens"] = d.class_tokens
-        subsets.append(_build(SubsetConfig, values, origins, ""))
-    values, origins = _inherit(DATASET_OPTION_TYPES, [("", fallback)])
-    return (_build(DatasetConfig, {**values, "subsets": tuple(subsets)}, origins, ""),), notes
+    subsets = [{"image_dir": d.path, "is_reg": d.is_reg, "num_repeats": d.num_repeats,
+                **({} if d.class_tokens is None else {"class_tokens": d.class_tokens})} for d in dirs]
+    return (_run_options_dataset(subsets, fallback, ""),), notes
 
 
 def validation_datasets(folder: Path, *, fallback: Mapping[str, Any]) -> tuple[DatasetConfig, ...]:
     """Datasets for a separate validation folder: its own images (repeats 1), or its kohya sub-folders."""
     if not list_images(folder):
         return datasets_from_folders(folder, None, fallback=fallback)[0]
-    values, origins = _inherit(SUBSET_OPTION_TYPES, [("", fallback)])
-    values.update(image_dir=folder, num_repeats=1)
-    subset = _build(SubsetConfig, values, origins, "validation_data_dir")
-    values, origins = _inherit(DATASET_OPTION_TYPES, [("", fallback)])
-    return (_build(DatasetConfig, {**values, "subsets": (subset,)}, origins, "validation_data_dir"),)
+    return (_run_options_dataset([{"image_dir": folder, "num_repeats": 1}], fallback, "validation_data_dir"),)
