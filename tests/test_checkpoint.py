@@ -95,6 +95,12 @@ def test_round_trip_tiny(tmp_path, name, arch, seed):
         assert "cond_stage_model.model.transformer.resblocks.12.attn.in_proj_weight" in keys
         reasons = [i.reason for i in loaded.report.ignored]
         assert any("penultimate" in r for r in reasons)
+    if arch is Arch.SDXL:  # SDXL v-prediction files carry the marker key ComfyUI and Forge look for
+        model.prediction_type = "v_prediction"
+        save_checkpoint(model, tmp_path / "v.safetensors", write_yaml=False)
+        assert "v_pred" in load_file(tmp_path / "v.safetensors").tensors
+        reloaded = read_checkpoint(tmp_path / "v.safetensors", compute_hash=False)
+        assert reloaded.model.prediction_type == "v_prediction" and reloaded.report.unused == ()
 
 
 def test_fp16_save_and_load_dtype(tmp_path):
@@ -341,7 +347,8 @@ def test_independent_sdxl_file_with_sgm_yaml(tmp_path):
                   for k, v in convert_state_dict(unet.state_dict(), SDXL_LAYOUT, to="compvis").items()},
                **prefixed("first_stage_model.", vae),
                **prefixed("conditioner.embedders.0.transformer.", te1, add_text_model=True),
-               **prefixed("conditioner.embedders.1.model.", tower)}
+               **prefixed("conditioner.embedders.1.model.", tower),
+               "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}  # ComfyUI/Forge marker keys
     save_file(tensors, tmp_path / "xl.safetensors")
     size_embedder = {"target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 8}}
     sgm = {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
@@ -359,6 +366,9 @@ def test_independent_sdxl_file_with_sgm_yaml(tmp_path):
     loaded = read_checkpoint(tmp_path / "xl.safetensors")
     model = loaded.model
     assert model.arch is Arch.SDXL and model.vae_scale_factor == 0.13025 and loaded.report.unused == ()
+    assert model.prediction_type == "v_prediction" and "marker" in loaded.report.prediction_source
+    ignored = {k for i in loaded.report.ignored for k in i.keys}
+    assert ignored == {"v_pred", "ztsnr", "conditioner.embedders.1.model.logit_scale"}
     assert model.unet.config.addition_time_embed_dim == 8
     assert [type(t).__name__ for t in model.text_encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
     assert [t.pad_token_id for t in model.tokenizers] == [49407, 0]
@@ -492,6 +502,11 @@ def test_missing_unused_and_mismatched_keys(tmp_path):
     save_file(tensors, tmp_path / "inpaint.safetensors", metadata)
     with pytest.raises(FileFormatError, match="inpainting"):
         load_checkpoint(tmp_path / "inpaint.safetensors")
+    tensors = load_file(path).tensors
+    tensors["edm_mean"] = torch.zeros(4)
+    save_file(tensors, tmp_path / "edm.safetensors", metadata)
+    with pytest.raises(FileFormatError, match="EDM"):
+        load_checkpoint(tmp_path / "edm.safetensors")
     broken = dict(metadata, **{"lora_studio.sd_config": json.dumps({"arch": "sd1"})})
     save_file(load_file(path).tensors, tmp_path / "badmeta.safetensors", broken)
     with pytest.raises(FileFormatError, match="not a valid model config"):

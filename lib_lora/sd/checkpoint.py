@@ -10,10 +10,11 @@ Where the structure comes from, first match wins:
 Every tensor is checked against the model built from that config (errors name the file key and the shapes).
 
 Prediction type, first match wins: the `prediction_type` argument; the yaml (`parameterization: "v"`,
-absent = epsilon, as the ldm code reads it); the file's LoRA Studio metadata; `modelspec.prediction_type`;
-for SD2 only, the web UI's test: run the U-Net on a constant input at t=999 and call it v-prediction when
-the output minus the input averages below -1 (a v model predicts about -x0 there, an eps model about
-noise); SD1 and SDXL default to epsilon.
+absent = epsilon, as the ldm code reads it; SGM: the denoiser's V/Eps scaling); the file's LoRA Studio
+metadata; a `v_pred` marker key (the ComfyUI/Forge convention for SDXL v-prediction fine-tunes);
+`modelspec.prediction_type`; for SD2 only, the web UI's test: run the U-Net on a constant input at
+t=999 and call it v-prediction when the output minus the input averages below -1 (a v model predicts
+about -x0 there, an eps model about noise); SD1 and SDXL default to epsilon.
 
 SD2's OpenCLIP tower has 24 blocks but SD2 conditions on the penultimate one (then the final norm), so,
 as diffusers' own converter does, the text encoder is built with 23 layers and the last block is
@@ -39,8 +40,10 @@ from lib_lora.sd import ldm_keys
 from lib_lora.sd.checkpoint_save import SavedCheckpoint, config_of, ldm_state_dict, save_checkpoint
 from lib_lora.sd.components import (
     DEFAULT_TOKENIZER_DIR,
+    MARKERS,
     TEXT_ENCODERS,
     UNET_PREFIX,
+    UNSUPPORTED_MARKERS,
     VAE_PREFIX,
     TextEncoderSlot,
     classify_ignored,
@@ -96,6 +99,7 @@ class ComponentTensors:
     text_encoders: list[dict[str, torch.Tensor]]
     unused: list[str] = field(default_factory=list)
     ignored: dict[str, list[str]] = field(default_factory=dict)
+    markers: set[str] = field(default_factory=set)
 
     def ignore(self, reason: str, keys: list[str]) -> None:
         if keys:
@@ -175,7 +179,15 @@ def split_components(tensors: dict[str, torch.Tensor], arch: Arch, path: str) ->
     parts = ComponentTensors({}, {}, [{} for _ in slots])
     targets = [(UNET_PREFIX, parts.unet), (VAE_PREFIX, parts.vae)]
     targets += [(slot.prefix, sd) for slot, sd in zip(slots, parts.text_encoders)]
+    for key, what in UNSUPPORTED_MARKERS.items():
+        if key in tensors:
+            raise FileFormatError(path, f"{what} (marker key {key!r}): not supported")
     for key in list(tensors):
+        if key in MARKERS:
+            del tensors[key]
+            parts.markers.add(key)
+            parts.ignore(MARKERS[key], [key])
+            continue
         reason = classify_ignored(key)
         if reason:
             del tensors[key]

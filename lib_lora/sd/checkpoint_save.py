@@ -23,7 +23,14 @@ import torch
 from lib_lora.errors import ConfigError, KeyMapError
 from lib_lora.io import save_file
 from lib_lora.sd import ldm_keys
-from lib_lora.sd.components import DEFAULT_TOKENIZER_DIR, METADATA_KEY, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
+from lib_lora.sd.components import (
+    DEFAULT_TOKENIZER_DIR,
+    METADATA_KEY,
+    TEXT_ENCODERS,
+    UNET_PREFIX,
+    V_PREDICTION_MARKER,
+    VAE_PREFIX,
+)
 from lib_lora.sd.configs import TE_CONFIG_FIELDS, SDConfig, unet_from_diffusers
 from lib_lora.sd.ldm_yaml import needs_text_encoder_dir, render_ldm_yaml
 from lib_lora.sd.model import SDModel
@@ -120,6 +127,8 @@ def ldm_state_dict(model: SDModel, config: SDConfig | None = None,
         out.update({slot.prefix + k: v for k, v in tensors.items()})
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    if config.arch is Arch.SDXL and config.prediction_type == "v_prediction":
+        out[V_PREDICTION_MARKER] = torch.zeros(0)  # how ComfyUI and Forge recognise SDXL v-prediction files
     return out
 
 

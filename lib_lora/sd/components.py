@@ -53,6 +53,14 @@ IGNORED_PREFIXES = {
     "first_stage_model.loss.": "VAE training loss (discriminator, LPIPS)",
 }
 IGNORED_SUFFIXES = {"embeddings.position_ids": "position id buffer, rebuilt by the model"}
+# Empty marker tensors some SDXL fine-tunes carry (the ComfyUI/Forge convention) and what they mean.
+V_PREDICTION_MARKER = "v_pred"
+MARKERS = {
+    V_PREDICTION_MARKER: "marker: the model predicts v (read as its prediction type)",
+    "ztsnr": "marker: trained with zero-terminal SNR (the noise schedule is not rescaled here)",
+}
+UNSUPPORTED_MARKERS = {"edm_mean": "an EDM model (Playground v2.5)",
+                       "edm_vpred.sigma_max": "an EDM v-prediction model"}
 LORA_HINTS = ("lora_", "lycoris_", "hada_", "oft_", "lokr_")
 
 

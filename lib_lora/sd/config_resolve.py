@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora.errors import ConfigError, KeyMapError
-from lib_lora.sd.components import METADATA_KEY, TEXT_ENCODERS
+from lib_lora.sd.components import METADATA_KEY, TEXT_ENCODERS, V_PREDICTION_MARKER
 from lib_lora.sd.config_infer import infer_clip, infer_openclip, infer_unet, infer_vae
 from lib_lora.sd.configs import SHIPPED, TE_CONFIG_FIELDS, SDConfig, shipped_config, unet_from_diffusers
 from lib_lora.sd.ldm_yaml import LdmYaml
@@ -30,7 +30,8 @@ def resolve_config(arch: Arch, parts: Any, metadata: Mapping[str, str], ldm_yaml
                    prediction_arg: str | None) -> ResolvedConfig:
     """The config to build; `parts` holds the file's tensors by component (`unet`, `vae`, `text_encoders`)."""
     embedded = _embedded_config(metadata)
-    prediction, prediction_source = _prediction(prediction_arg, ldm_yaml, embedded, metadata)
+    prediction, prediction_source = _prediction(prediction_arg, ldm_yaml, embedded, metadata,
+                                                V_PREDICTION_MARKER in parts.markers)
     if embedded is not None:
         if embedded.arch is not arch:
             raise KeyMapError(f"{METADATA_KEY} says {embedded.arch.label} but the keys are {arch.label}'s")
@@ -47,6 +48,9 @@ def resolve_config(arch: Arch, parts: Any, metadata: Mapping[str, str], ldm_yaml
         unet = infer_unet(_shapes(parts.unet)).with_(num_heads=base_unet.num_heads,
                                                       num_head_channels=base_unet.num_head_channels)
         source = f"tensor shapes (heads and activations from the {shipped})"
+    if (unet.adm_in_channels is not None) != (arch is Arch.SDXL):
+        what = "has no size/pooled-text embedding" if arch is Arch.SDXL else "is class-conditioned (unCLIP?)"
+        raise KeyMapError(f"the {arch.label} U-Net {what}: not supported")
     vae = ldm_yaml.vae if ldm_yaml and ldm_yaml.vae else infer_vae(_shapes(parts.vae))
     text_encoders = tuple(_text_encoder(arch, slot_index, base, parts, ldm_yaml) for slot_index in range(
         len(TEXT_ENCODERS[arch])))
@@ -85,14 +89,15 @@ def _embedded_config(metadata: Mapping[str, str]) -> SDConfig | None:
 
 
 def _prediction(arg: str | None, ldm_yaml: LdmYaml | None, embedded: SDConfig | None,
-                metadata: Mapping[str, str]) -> tuple[str | None, str]:
+                metadata: Mapping[str, str], v_marker: bool) -> tuple[str | None, str]:
     if arg:
         return arg, "prediction_type argument"
-    if ldm_yaml:
-        # the ldm code defaults to eps when a config has no `parameterization`
-        return ldm_yaml.prediction_type or "epsilon", f"yaml {ldm_yaml.path}"
+    if ldm_yaml and ldm_yaml.prediction_type:
+        return ldm_yaml.prediction_type, f"yaml {ldm_yaml.path}"
     if embedded:
         return embedded.prediction_type, f"the file's {METADATA_KEY} metadata"
+    if v_marker:
+        return "v_prediction", f"the file's {V_PREDICTION_MARKER!r} marker key"
     spec = metadata.get("modelspec.prediction_type")
     if spec in ("v", "epsilon"):
         return ("v_prediction" if spec == "v" else "epsilon"), "modelspec.prediction_type metadata"

@@ -95,13 +95,16 @@ def read_ldm_yaml(path: str | os.PathLike) -> LdmYaml:
 
 
 def _prediction_type(params: dict) -> str | None:
+    """LDM: `parameterization` (absent = eps, as ldm reads it). SGM: the denoiser's scaling class, if any."""
     if "parameterization" in params:
         return "v_prediction" if params["parameterization"] == "v" else "epsilon"
     scaling = (((params.get("denoiser_config") or {}).get("params") or {}).get("scaling_config") or {})
     target = str(scaling.get("target", ""))
     if target.endswith("VScaling"):
         return "v_prediction"
-    return "epsilon" if target.endswith("EpsScaling") else None
+    if target.endswith("EpsScaling") or "unet_config" in params:
+        return "epsilon"
+    return None
 
 
 def _embedders(params: dict) -> list[dict]:
