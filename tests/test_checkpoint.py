@@ -428,6 +428,34 @@ def test_shipped_full_size_configs_fit_the_ldm_layout(arch):
         assert got == want
 
 
+@pytest.mark.parametrize("arch,prediction,expected", [
+    (Arch.SD1, "epsilon", {"num_heads": 8, "context_dim": 768, "channel_mult": [1, 2, 4, 4], "image_size": 64}),
+    (Arch.SD2, "v_prediction", {"num_head_channels": 64, "context_dim": 1024, "use_linear_in_transformer": True,
+                                "parameterization": "v", "image_size": 96}),
+    (Arch.SDXL, "epsilon", {"num_head_channels": 64, "context_dim": 2048, "transformer_depth": [1, 2, 10],
+                            "adm_in_channels": 2816, "attention_resolutions": [4, 2], "outdim": 256, "layer_idx": 11}),
+])
+def test_yaml_for_full_size_models_says_what_the_web_ui_configs_say(arch, prediction, expected):
+    from lib_lora.sd.ldm_yaml import ldm_problems, needs_text_encoder_dir, render_ldm_yaml
+
+    config = shipped_config(arch, prediction)
+    assert ldm_problems(config) == [] and not needs_text_encoder_dir(config)
+    text = render_ldm_yaml(config)
+    data = yaml.safe_load(text)
+
+    def find(node, key):
+        if isinstance(node, dict):
+            if key in node:
+                return node[key]
+            node = list(node.values())
+        if isinstance(node, list):
+            return next((v for v in (find(n, key) for n in node) if v is not None), None)
+        return None
+
+    assert {k: find(data, k) for k in expected} == expected
+    assert ".text_encoder" not in text  # standard CLIP-L: the web UI's default text encoder, no config folder
+
+
 # --- errors and detection ------------------------------------------------------------------------------------
 def test_detect_arch_from_keys_alone():
     unet = ["model.diffusion_model.input_blocks.0.0.weight"]

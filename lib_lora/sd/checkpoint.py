@@ -140,10 +140,10 @@ def read_checkpoint(path: str | os.PathLike, *, arch: Arch | str | None = None, 
         found = detect_arch(file.tensors)
     except KeyMapError as exc:
         raise FileFormatError(path, str(exc)) from None
-    if arch is not None and Arch(arch) is not found:
-        raise FileFormatError(path, f"expected an {Arch(arch).label} checkpoint, but its keys are {found.label}'s")
-    parts = split_components(file.tensors, found, path)
-    del file.tensors
+    wanted = _arch(arch)
+    if wanted is not None and wanted is not found:
+        raise FileFormatError(path, f"expected an {wanted.label} checkpoint, but its keys are {found.label}'s")
+    parts = split_components(file.tensors, found, path)  # empties file.tensors: no second copy stays alive
     _cast(parts, dtype or torch.float32)
     yaml_path = Path(path).with_suffix(".yaml")
     ldm_yaml = read_ldm_yaml(yaml_path) if yaml_path.is_file() else None
@@ -174,7 +174,7 @@ def read_checkpoint(path: str | os.PathLike, *, arch: Arch | str | None = None, 
 
 
 def split_components(tensors: dict[str, torch.Tensor], arch: Arch, path: str) -> ComponentTensors:
-    """Move tensors into per-component dicts (prefix removed); drop known-unneeded ones on the way."""
+    """Move tensors into per-component dicts (prefix removed), emptying `tensors`; drop known-unneeded ones."""
     slots = TEXT_ENCODERS[arch]
     parts = ComponentTensors({}, {}, [{} for _ in slots])
     targets = [(UNET_PREFIX, parts.unet), (VAE_PREFIX, parts.vae)]
@@ -208,6 +208,13 @@ def split_components(tensors: dict[str, torch.Tensor], arch: Arch, path: str) ->
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(in_channels, f"a {in_channels}-channel")
         raise FileFormatError(path, f"{kind} model (U-Net input has {in_channels} channels): not supported")
     return parts
+
+
+def _arch(arch: Arch | str | None) -> Arch | None:
+    try:
+        return None if arch is None else Arch(arch)
+    except ValueError:
+        raise ConfigError("arch", arch, f"must be one of {[a.value for a in Arch]}") from None
 
 
 def _cast(parts: ComponentTensors, dtype: torch.dtype) -> None:
