@@ -52,6 +52,7 @@ class SDModel:
         return [self.unet, *self.text_encoders, self.vae]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SDModel:
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for m in self.modules():
-            m.to(device=device, dtype=dtype)
+            m.to(**kwargs)
         return self
