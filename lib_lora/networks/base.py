@@ -76,6 +76,12 @@ class NetworkModule(nn.Module):
         self.source = ""  # file the tensors came from, for error messages
         self.alpha: Tensor | None = None
         self.dora_scale: nn.Parameter | None = None
+        # training only (module.train()): sd-scripts' network_dropout (on the down projection's output) and
+        # rank_dropout (whole rank channels per sample, rescaled) for LoRA; module_dropout (skip the module for a
+        # step) for every algorithm
+        self.dropout = 0.0
+        self.rank_dropout = 0.0
+        self.module_dropout = 0.0
 
     # -- format -----------------------------------------------------------------------------------
 
@@ -185,6 +191,8 @@ class NetworkModule(nn.Module):
 
     def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
         """Layer output with this change applied, computed beside the frozen weight `w0`."""
+        if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
+            return base_out
         dw = self.merged(w0, multiplier) - _as_float(w0)
         db = self.bias_delta()
         extra = layer(x, dw.to(x.dtype), None if db is None else (multiplier * db).to(x.dtype))

@@ -37,6 +37,8 @@ class LoRAModule(NetworkModule):
         self.lora_down = _Weight(down, trainable)
         self.lora_up = _Weight(up, trainable)
         self.lora_mid = _Weight(mid, trainable) if mid is not None else None
+        # training only: DyLoRA's unit (train a random leading block of ranks each step, so any prefix works alone)
+        self.dylora_unit = 0
 
     @classmethod
     def _from_tensors(cls, name: str, tensors: Mapping[str, Tensor], source: str) -> LoRAModule:
@@ -53,8 +55,13 @@ class LoRAModule(NetworkModule):
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoRAModule:
-        """A new trainable module for a weight of `shape`, initialised as kohya does (up = 0)."""
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               dora_weight: Tensor | None = None) -> LoRAModule:
+        """A new trainable module for a weight of `shape`, initialised as kohya does (up = 0).
+
+        With `dora_weight` (the base weight W0) it is a DoRA module: a trainable magnitude per output row,
+        initialised to the row norms of W0 (LyCORIS' default orientation), so training starts at W0.
+        """
         out_f, in_f = shape[0], shape[1]
         kernel = tuple(shape[2:])
         down = torch.empty((rank, in_f, *kernel), dtype=dtype)
@@ -62,6 +69,9 @@ class LoRAModule(NetworkModule):
         up = torch.zeros((out_f, rank, *([1] * len(kernel))), dtype=dtype)
         module = cls(name, down, up, trainable=True)
         module.alpha = torch.tensor(float(alpha or rank))
+        if dora_weight is not None:
+            norms = dora_weight.detach().to(torch.float32).reshape(out_f, -1).norm(dim=1)
+            module.dora_scale = nn.Parameter(norms.reshape(out_f, *([1] * (len(shape) - 1))).to(dtype))
         return module
 
     @property
@@ -99,18 +109,41 @@ class LoRAModule(NetworkModule):
         base = w0.to(torch.float32).reshape(up.shape[0], -1)
         return torch.addmm(base, up, down, alpha=multiplier * self.scale).reshape(w0.shape)
 
+    def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+        """(down, up, scale) used this step: all ranks, or DyLoRA's random leading block while training."""
+        down, up = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        if not (self.training and self.dylora_unit):
+            return down, up, self.scale
+        # DyLoRA (Valipour et al. 2022), as sd-scripts trains it: a random prefix of k ranks, only its last
+        # `unit` ranks get gradients this step, scale alpha/k
+        unit = self.dylora_unit
+        k = unit * int(torch.randint(1, self.rank // unit + 1, ()))
+        down = torch.cat([down[: k - unit].detach(), down[k - unit : k]])
+        up = torch.cat([up[:, : k - unit].detach(), up[:, k - unit : k]], dim=1)
+        return down, up, float(self.alpha) / k
+
     def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
+        if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
+            return base_out
         if self.dora_scale is not None:
             return super().bypass(x, base_out, layer, w0, multiplier)
-        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+        down, up, scale = self._factors(x.dtype)
         if layer.kind == "linear":
-            h = F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
+            h = F.linear(x, down.flatten(1))
         elif self.lora_mid is None:
             if down.dim() == 2:  # a Linear-shaped file on a 1x1 conv
                 down, up = down[:, :, None, None], up[:, :, None, None]
-            h = F.conv2d(layer(x, down), up)
+            h = layer(x, down)
         else:
-            h = F.conv2d(x, down)
-            h = F.conv2d(h, self.lora_mid.weight.to(x.dtype), None, layer.stride, layer.padding, layer.dilation)
-            h = F.conv2d(h, up)
-        return base_out + h * (multiplier * self.scale)
+            h = F.conv2d(F.conv2d(x, down), self.lora_mid.weight.to(x.dtype), None, layer.stride, layer.padding,
+                         layer.dilation)
+        if self.training and self.dropout:
+            h = F.dropout(h, p=self.dropout)
+        if self.training and self.rank_dropout:
+            # one keep/drop decision per sample and rank channel, survivors rescaled (sd-scripts' rank_dropout)
+            shape = (h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1]) if layer.kind == "linear" else \
+                (h.shape[0], h.shape[1], *([1] * (h.dim() - 2)))
+            h = h * (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
+            scale = scale / (1.0 - self.rank_dropout)
+        h = F.linear(h, up.flatten(1)) if layer.kind == "linear" else F.conv2d(h, up)
+        return base_out + h * (multiplier * scale)

@@ -1,0 +1,104 @@
+"""Divergence guard: notice a run going wrong while it happens, roll back to the last good state, lower the lr.
+
+A step is bad when its loss is NaN/inf (immediately divergent) or above `spike_factor` x the smoothed baseline
+(the median of the last `window` good losses). `patience` bad steps in a row count as divergence. The guard
+keeps an in-memory snapshot (network + optimizer state) taken every `snapshot_every` good steps; on divergence
+the loop restores it, scales the lr by `lr_decay` and continues; after `max_rollbacks` it stops with a report.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lib_lora.train.config import GuardConfig
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the loop should do after a step: 'ok', 'rollback' or 'stop' (rollbacks exhausted)."""
+
+    action: str
+    reason: str = ""
+
+
+@dataclass
+class Snapshot:
+    step: int
+    network: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class DivergenceGuard:
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.enabled = cfg.divergence_guard
+        self.recent: deque[float] = deque(maxlen=cfg.guard_window)
+        self.bad_streak = 0
+        self.rollbacks = 0
+        self.snapshot: Snapshot | None = None
+        self.events: list[str] = []
+
+    @property
+    def baseline(self) -> float | None:
+        return statistics.median(self.recent) if len(self.recent) >= min(5, self.recent.maxlen) else None
+
+    def check(self, step: int, loss: float) -> Verdict:
+        """Judge one step's loss (call once per optimizer step)."""
+        if not self.enabled:
+            return Verdict("ok")
+        if not math.isfinite(loss):
+            return self._diverged(step, f"loss is {loss} at step {step}")
+        base = self.baseline
+        if base is not None and loss > self.cfg.guard_spike_factor * base:
+            self.bad_streak += 1
+            if self.bad_streak >= self.cfg.guard_patience:
+                return self._diverged(step, f"loss {loss:.4g} stayed above {self.cfg.guard_spike_factor:g} x the "
+                                            f"baseline {base:.4g} for {self.bad_streak} steps (step {step})")
+            return Verdict("ok")
+        self.bad_streak = 0
+        self.recent.append(loss)
+        return Verdict("ok")
+
+    def _diverged(self, step: int, reason: str) -> Verdict:
+        self.bad_streak = 0
+        if self.snapshot is None or self.rollbacks >= self.cfg.guard_max_rollbacks:
+            why = "no good state to return to" if self.snapshot is None else \
+                f"{self.rollbacks} rollbacks already (guard_max_rollbacks)"
+            self.events.append(f"stop: {reason}; {why}")
+            return Verdict("stop", f"{reason}; {why}")
+        self.rollbacks += 1
+        self.events.append(f"rollback {self.rollbacks}: {reason}; back to step {self.snapshot.step}")
+        return Verdict("rollback", reason)
+
+    def wants_snapshot(self, step: int) -> bool:
+        every = self.cfg.guard_snapshot_every_n_steps
+        return self.enabled and self.bad_streak == 0 and (self.snapshot is None or step - self.snapshot.step >= every)
+
+    def take(self, step: int, network: dict[str, torch.Tensor], optimizer: dict[str, Any], **extra) -> None:
+        self.snapshot = Snapshot(step, _cpu_copy(network), _cpu_copy(optimizer), _cpu_copy(extra))
+
+    def after_rollback(self) -> None:
+        """Forget the losses of the diverging stretch, so the baseline is the good one."""
+        self.bad_streak = 0
+
+    def report(self) -> str:
+        if not self.events:
+            return "divergence guard: no intervention"
+        return "divergence guard: " + "; ".join(self.events)
