@@ -187,7 +187,8 @@ def test_clip_skip_conventions(pairs):
     with pytest.raises(ConfigError, match="clip_skip"):
         sd1.encode_prompts(CAPTIONS, clip_skip=13)
     sdxl = pairs["sdxl"][0]  # SDXL: penultimate of both encoders whatever clip_skip says (sd-scripts)
-    torch.testing.assert_close(sdxl.encode_prompts(CAPTIONS, clip_skip=2).context, sdxl.encode_prompts(CAPTIONS).context)
+    torch.testing.assert_close(sdxl.encode_prompts(CAPTIONS, clip_skip=2).context,
+                               sdxl.encode_prompts(CAPTIONS).context)
 
 
 def test_sdxl_context_and_pooled_conventions(pairs):
