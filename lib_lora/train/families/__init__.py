@@ -83,7 +83,10 @@ class ModelFamily(Protocol):
         """Recompute activations in backward (U-Net blocks and text-encoder layers); LoRA grads still flow."""
 
     def identity(self, part: str = "model") -> str:
-        """Stable id for caches: 'vae' (latents), 'text' (text-encoder outputs) or 'model' (everything)."""
+        """Stable id for caches: 'vae' (latents), 'text' (text-encoder weights) or 'model' (everything)."""
+
+    def text_identity(self, clip_skip: int | None, max_token_length: int | None) -> str:
+        """Encoder id of text-encoder outputs encoded with these settings (for the text-encoder-output cache)."""
 
     def close(self) -> None:
         """Undo what the family changed on the model (checkpoint wrappers, requires_grad/checkpoint flags)."""

@@ -50,13 +50,14 @@ PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction"}
 _BLOCK_INDEX = re.compile(r"(?:^|\.)transformer\.resblocks\.(\d+)\.")
 
 
-def _require(obj: Any, path: str, what: str) -> Any:
+def _require(obj: Any, path: str, what: str, root: str = "sd_model") -> Any:
     """`obj.a.b.c` for path 'a.b.c', or an error naming the first missing attribute."""
     current = obj
     for i, name in enumerate(path.split(".")):
         if not hasattr(current, name):
-            where = ".".join(path.split(".")[:i]) or type(obj).__name__
-            raise ConfigError(f"sd_model.{path}", None, f"{what}: `{where}` has no attribute `{name}`")
+            where = ".".join([root, *path.split(".")[:i]])
+            raise ConfigError(f"{root}.{path}", None, f"{what}: `{where}` ({type(current).__name__}) has no "
+                              f"attribute `{name}`")
         current = getattr(current, name)
     return current
 
@@ -258,7 +259,9 @@ class LdmFamily(FamilyBase):
         ConcatTimestepEmbedderND: [cos, sin] per number), sized to the U-Net's `label_emb` input."""
         if cond.pooled is None or "time_ids" not in cond.extra:
             raise ValueError("SDXL needs the pooled embedding and extra['time_ids'] (use conditioning_for)")
-        first = next(m for m in self._unet.label_emb.modules() if isinstance(m, nn.Linear))
+        label_emb = _require(self._unet, "label_emb", "SDXL's vector conditioning",
+                             "sd_model.model.diffusion_model")
+        first = next(m for m in label_emb.modules() if isinstance(m, nn.Linear))
         pooled = cond.pooled.to(self.device, torch.float32)
         dim = (first.in_features - pooled.shape[1]) // 6
         half = dim // 2
