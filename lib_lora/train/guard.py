@@ -4,6 +4,10 @@ A step is bad when its loss is NaN/inf (immediately divergent) or above `spike_f
 (the median of the last `window` good losses). `patience` bad steps in a row count as divergence. The guard
 keeps an in-memory snapshot (network + optimizer state) taken every `snapshot_every` good steps; on divergence
 the loop restores it, scales the lr by `lr_decay` and continues; after `max_rollbacks` it stops with a report.
+
+A new snapshot is only trusted once the `patience` steps after it were good too: the first steps of a blow-up
+often still look normal (or cannot be judged before a baseline exists), and a snapshot taken there would hold
+weights that are already broken.
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ class DivergenceGuard:
         self.recent: deque[float] = deque(maxlen=cfg.guard_window)
         self.bad_streak = 0
         self.rollbacks = 0
-        self.snapshot: Snapshot | None = None
+        self.snapshot: Snapshot | None = None  # trusted
+        self.pending: Snapshot | None = None  # taken, waiting for `patience` good steps
         self.events: list[str] = []
 
     @property
@@ -74,10 +79,13 @@ class DivergenceGuard:
             return Verdict("ok")
         self.bad_streak = 0
         self.recent.append(loss)
+        if self.pending is not None and step - self.pending.step >= max(1, self.cfg.guard_patience):
+            self.snapshot, self.pending = self.pending, None
         return Verdict("ok")
 
     def _diverged(self, step: int, reason: str) -> Verdict:
         self.bad_streak = 0
+        self.pending = None
         if self.snapshot is None or self.rollbacks >= self.cfg.guard_max_rollbacks:
             why = "no good state to return to" if self.snapshot is None else \
                 f"{self.rollbacks} rollbacks already (guard_max_rollbacks)"
@@ -89,10 +97,17 @@ class DivergenceGuard:
 
     def wants_snapshot(self, step: int) -> bool:
         every = self.cfg.guard_snapshot_every_n_steps
-        return self.enabled and self.bad_streak == 0 and (self.snapshot is None or step - self.snapshot.step >= every)
+        last = self.pending or self.snapshot
+        return self.enabled and self.bad_streak == 0 and (last is None or step - last.step >= every)
 
-    def take(self, step: int, network: dict[str, torch.Tensor], optimizer: dict[str, Any], **extra) -> None:
-        self.snapshot = Snapshot(step, _cpu_copy(network), _cpu_copy(optimizer), _cpu_copy(extra))
+    def take(self, step: int, network: dict[str, torch.Tensor], optimizer: dict[str, Any], *, trusted: bool = False,
+             **extra) -> None:
+        """Snapshot the state after `step`; `trusted` for the starting state, which needs no confirmation."""
+        snap = Snapshot(step, _cpu_copy(network), _cpu_copy(optimizer), _cpu_copy(extra))
+        if trusted:
+            self.snapshot, self.pending = snap, None
+        else:
+            self.pending = snap
 
     def after_rollback(self) -> None:
         """Forget the losses of the diverging stretch, so the baseline is the good one."""

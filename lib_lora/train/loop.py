@@ -20,7 +20,7 @@ from lib_lora.train.events import ProgressEvent
 from lib_lora.train.guard import Verdict
 from lib_lora.train.metadata import build_metadata
 from lib_lora.train.session import Session
-from lib_lora.train.step import batch_loss, step_generator, validation_loss
+from lib_lora.train.step import batch_loss, step_seed, validation_loss
 
 SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
                "bf16": torch.bfloat16}
@@ -91,9 +91,9 @@ def run(s: Session) -> TrainResult:
     s.network.attach()
     s.network.train()
     s.family.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
-    s.guard.take(s.step, s.network.state_dict(), s.optimizer.optimizer.state_dict())
+    s.guard.take(s.step, s.network.state_dict(), s.optimizer.optimizer.state_dict(), trusted=True)
     _emit_start(s)
-    status, micro, losses = "finished", 0, []
+    status, micro, losses, seen = "finished", 0, [], []
     try:
         if cfg.sampling.sample_at_first and s.step == 0:
             _sample(s)
@@ -101,22 +101,22 @@ def run(s: Session) -> TrainResult:
             s.epoch = s.sampler.epoch
             for plan in s.sampler.epoch_batches():
                 batch = s.dataset.load_batch(plan, s.seed)
-                torch.manual_seed(step_generator(s.seed, s.step, micro, s.dist.rank).initial_seed())
                 with precision.autocast():
-                    loss = batch_loss(s, batch, step_generator(s.seed, s.step, micro, s.dist.rank))
+                    loss = batch_loss(s, batch, step_seed(s.seed, s.step, micro, s.dist.rank))
                 precision.backward(loss / accum)
                 losses.append(float(loss.detach()))
+                seen.extend(batch.paths)
                 micro += 1
                 if micro < accum:
                     continue
                 value = s.dist.average(sum(losses) / len(losses))
-                micro, losses = 0, []
+                batch_paths, micro, losses, seen = tuple(seen), 0, [], []
                 s.dist.average_gradients(params)
                 precision.step(s.optimizer.optimizer, params, cfg.optimizer.max_grad_norm)
                 s.scheduler.step()
                 s.optimizer.optimizer.zero_grad(set_to_none=True)
                 s.step += 1
-                status = _after_step(s, value, meter, s.guard.check(s.step, value))
+                status = _after_step(s, value, meter, s.guard.check(s.step, value), batch_paths)
                 if status != "finished" or s.step >= s.total_steps:
                     break
             else:
@@ -132,7 +132,7 @@ def run(s: Session) -> TrainResult:
 # -------------------------------------------------------------------------------------------- around a step
 
 
-def _after_step(s: Session, loss: float, meter: Meter, verdict: Verdict) -> str:
+def _after_step(s: Session, loss: float, meter: Meter, verdict: Verdict, batch_paths: tuple[str, ...]) -> str:
     """Everything after an optimizer step; returns the run's status ('finished' = keep going)."""
     if verdict.action == "rollback":
         _rollback(s, verdict.reason)
@@ -148,7 +148,7 @@ def _after_step(s: Session, loss: float, meter: Meter, verdict: Verdict) -> str:
     rate = meter.rate()
     s.emit(ProgressEvent("step", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch, loss=loss,
                          smoothed=meter.smoothed, lrs=_lrs(s), it_per_s=rate,
-                         eta_s=(s.total_steps - s.step) / rate if rate else None))
+                         eta_s=(s.total_steps - s.step) / rate if rate else None, data={"batch": batch_paths}))
     if s.guard.wants_snapshot(s.step):
         s.guard.take(s.step, s.network.state_dict(), s.optimizer.optimizer.state_dict())
     every = s.cfg.validation.validate_every_n_steps

@@ -19,8 +19,8 @@ from lib_lora.errors import ConfigError, ShapeMismatchError
 from lib_lora.keys import ModelTargets, Target
 from lib_lora.networks import ALGORITHMS, LoadedNetwork, NetworkModule, load_network
 from lib_lora.patching import Application, WeightPatcher
-from lib_lora.train.config import NetworkConfig, OptimizerConfig
 from lib_lora.train.blockwise import dims_by_block, lr_weights_by_block
+from lib_lora.train.config import NetworkConfig, OptimizerConfig
 from lib_lora.types import Arch, Component
 
 TE_ROLES = ("te_attn", "te_mlp")

@@ -6,7 +6,6 @@ a resume state of another network shape, ...) raises here, before any step runs 
 """
 from __future__ import annotations
 
-import os
 import random
 import tempfile
 import time
@@ -27,7 +26,7 @@ from lib_lora.train.events import Broadcaster, ProgressEvent
 from lib_lora.train.families import ModelFamily
 from lib_lora.train.guard import DivergenceGuard
 from lib_lora.train.metadata import ModelFacts
-from lib_lora.train.network import TrainableNetwork, load_initial_weights, summarize
+from lib_lora.train.network import TrainableNetwork, load_initial_weights
 from lib_lora.train.optimizers import BuiltOptimizer, build_optimizer
 from lib_lora.train.sample_prompts import SamplePrompt, load_prompts
 from lib_lora.train.schedulers import ScheduledLR, build_scheduler
@@ -64,6 +63,10 @@ class Session:
     epoch: int = 1
     saves: checkpoint.SaveRegistry = field(default_factory=checkpoint.SaveRegistry)
 
+    @property
+    def network_trains_text_encoder(self) -> bool:
+        return any(p.target.component.is_text_encoder for p in self.network.plans.values())
+
 
 def _check_output_dir(cfg: TrainConfig) -> Path:
     folder = cfg.output.output_dir
@@ -72,8 +75,8 @@ def _check_output_dir(cfg: TrainConfig) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True):
+            pass
     except OSError as exc:
         raise ConfigError("output_dir", str(folder), f"cannot write there ({exc.strerror or exc})") from None
     return folder
@@ -102,7 +105,7 @@ def _build_caches(cfg: TrainConfig, family: ModelFamily, dataset: ImageDataset, 
     def progress(done: int, total: int) -> None:
         emit(ProgressEvent("cache", message=f"caching latents {done}/{total}", data={"done": done, "total": total}))
 
-    cache = LatentCache(family.encode_images, family.identity(), to_disk=data.cache_latents_to_disk,
+    cache = LatentCache(family.encode_images, family.identity("vae"), to_disk=data.cache_latents_to_disk,
                         cache_dir=cache_dir, batch_size=data.vae_batch_size)
     cache.build(dataset, progress)
     dataset.latent_cache = cache
@@ -110,10 +113,11 @@ def _build_caches(cfg: TrainConfig, family: ModelFamily, dataset: ImageDataset, 
         model_cfg = cfg.model
 
         def encode(captions: list[str]):
-            return family.encode_prompts(captions, clip_skip=model_cfg.clip_skip or 1,
-                                         max_token_length=model_cfg.max_token_length, with_grad=False)
+            return family.encode_prompts(captions, clip_skip=model_cfg.clip_skip,
+                                         max_token_length=model_cfg.max_token_length, with_grad=False).as_dict()
 
-        te_cache = TextEncoderCache(encode, family.identity(), to_disk=data.cache_text_encoder_outputs_to_disk,
+        te_id = family.text_identity(model_cfg.clip_skip, model_cfg.max_token_length)
+        te_cache = TextEncoderCache(encode, te_id, to_disk=data.cache_text_encoder_outputs_to_disk,
                                     cache_dir=cache_dir)
         te_cache.build(dataset)
         dataset.text_cache = te_cache
@@ -184,5 +188,3 @@ def resume(session: Session, folder: Path) -> None:
     session.guard.rollbacks = loaded.state.rollbacks
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

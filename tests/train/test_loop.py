@@ -1,0 +1,232 @@
+"""The training loop end to end on a tiny SD1 model: files and metadata, exact resume, the divergence guard,
+stop requests, every trained algorithm, sampling, and clear errors before any step."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib_lora.errors import ConfigError, LibLoraError
+from lib_lora.info import describe
+from lib_lora.io import addnet_hash, load_file, read_metadata
+from lib_lora.networks import load_network
+from lib_lora.train.run import train
+from lib_lora.train.toml_config import load_config
+from lib_lora.types import Arch
+from tests.train.fixtures import tiny_model, write_images, write_run
+
+
+def _setup(tmp_path: Path, n_images: int = 4, **options) -> Path:
+    write_images(tmp_path / "train" / "5_sks", n_images)
+    return write_run(tmp_path, **options)
+
+
+def _events(kinds=None):
+    seen = []
+
+    def listen(e):
+        if kinds is None or e.kind in kinds:
+            seen.append(e)
+
+    return seen, listen
+
+
+def test_training_writes_a_file_every_tool_reads(tmp_path):
+    cfg = load_config(_setup(tmp_path, max_train_steps=4, save_every_n_steps=2, output_name="style"))
+    events, listen = _events()
+    result = train(cfg, model=tiny_model(), listeners=[listen])
+    assert result.status == "finished" and result.steps == 4
+    assert result.final_file == tmp_path / "out" / "style.safetensors"
+    assert (tmp_path / "out" / "style-step00000002.safetensors").is_file()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == 4
+    steps = [e for e in events if e.kind == "step"]
+    assert all(e.loss is not None and e.lrs for e in steps) and steps[-1].eta_s == 0
+
+    meta = read_metadata(result.final_file)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_output_name"] == "style"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_steps"] == "4" and meta["ss_network_dim"] == "4"
+    assert json.loads(meta["ss_tag_frequency"]) == {"5_sks": {"sks red square": 4}}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"5_sks": {"n_repeats": 5, "img_count": 4}}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["sshs_model_hash"] == addnet_hash(result.final_file)
+    info = describe(result.final_file)
+    assert info.algorithm == "lora" and info.modules == {"te": 72, "unet": 192} and info.unmatched_keys == []
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    model = tiny_model()
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
+                                   unet=model.unet, scheduler=EulerDiscreteScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    before = model.unet.down_blocks[0].attentions[0].proj_in.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.load_lora_weights(str(result.final_file))
+        pipe.fuse_lora()
+    after = model.unet.down_blocks[0].attentions[0].proj_in.base_layer.weight
+    assert not torch.equal(before, after)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight_dir, split_dir = tmp_path / "a", tmp_path / "b"
+    straight_dir.mkdir()
+    split_dir.mkdir()
+    straight_events, listen_a = _events({"step"})
+    cfg = load_config(_setup(straight_dir, max_train_steps=20, n_images=5))
+    straight = train(cfg, model=tiny_model(), listeners=[listen_a])
+
+    first_events, listen_b = _events({"step"})
+    stop_at_10 = lambda: bool(first_events) and first_events[-1].step >= 10  # noqa: E731
+    cfg = load_config(_setup(split_dir, max_train_steps=20, n_images=5))
+    first = train(cfg, model=tiny_model(), listeners=[listen_b], should_stop=stop_at_10)
+    assert first.status == "stopped" and first.steps == 10
+    state = split_dir / "out" / "tiny-state"
+    assert (state / "train_state.json").is_file()
+    second_events, listen_c = _events({"step"})
+    cfg = load_config(split_dir / "run.toml", overrides=["--resume", str(state)])
+    second = train(cfg, model=tiny_model(), listeners=[listen_c])
+    assert second.status == "finished" and second.steps == 20
+
+    resumed = first_events + second_events
+    assert [e.step for e in resumed] == list(range(1, 21))
+    def names(events):
+        return [[Path(p).name for p in e.data["batch"]] for e in events]
+
+    assert names(resumed) == names(straight_events)
+    assert [e.lrs for e in resumed] == [e.lrs for e in straight_events]
+    a = load_file(straight.final_file).tensors
+    b = load_file(second.final_file).tensors
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_divergence_guard_rolls_back_and_keeps_a_usable_file(tmp_path):
+    # The random-weight fixture's output passes through normalisations that bound the loss at any lr unless the
+    # final conv trains too (LyCORIS preset full); then an absurd lr without clipping blows up within steps.
+    cfg = load_config(_setup(tmp_path, max_train_steps=12, learning_rate=1e4, optimizer_type="SGDNesterov",
+                             max_grad_norm=0.0, network_module="lycoris.kohya",
+                             network_args=["algo=locon", "preset=full", "conv_dim=4"], guard_window=3,
+                             guard_patience=1, guard_spike_factor=2.0, guard_max_rollbacks=2,
+                             guard_snapshot_every_n_steps=1))
+    events, listen = _events({"rollback", "done", "stopped"})
+    result = train(cfg, model=tiny_model(), listeners=[listen])
+    rollbacks = [e for e in events if e.kind == "rollback"]
+    assert rollbacks, "lr 1e4 without clipping must trip the guard"
+    assert "rolled back" in rollbacks[0].message and "lowered the lr" in rollbacks[0].message
+    assert result.status in ("finished", "diverged")
+    assert "divergence guard: rollback 1" in result.report
+    net = load_network(result.final_file, arch=Arch.SD1)
+    for module in net.modules.values():
+        for t in module.file_tensors().values():
+            assert torch.isfinite(t.float()).all()
+
+
+def test_stop_request_saves_the_lora_and_a_state(tmp_path):
+    cfg = load_config(_setup(tmp_path, max_train_steps=50))
+    events, listen = _events({"step"})
+    result = train(cfg, model=tiny_model(), listeners=[listen], should_stop=lambda: len(events) >= 3)
+    assert result.status == "stopped" and result.steps == 3
+    assert "resume" in result.report
+    assert (tmp_path / "out" / "tiny.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "tiny-state" / "train_state.json").read_text())["step"] == 3
+
+
+NETWORKS = {
+    "lora": ({}, "lora"),
+    "locon": ({"network_args": ["conv_dim=4", "conv_alpha=2"]}, "locon"),
+    "loha": ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "preset=attn-mlp"]}, "loha"),
+    "lokr": ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=4"]}, "lokr"),
+    "dora": ({"network_module": "lycoris.kohya", "network_args": ["algo=lora", "dora_wd=True"]}, "dora"),
+    "ia3": ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"], "learning_rate": 1e-2}, "ia3"),
+    "lora_fa": ({"network_module": "networks.lora_fa"}, "lora"),
+    "dylora": ({"network_module": "networks.dylora", "network_args": ["unit=2"]}, "lora"),
+    "dropouts": ({"network_dropout": 0.1, "network_args": ["rank_dropout=0.2", "module_dropout=0.1"]}, "lora"),
+}
+
+
+@pytest.mark.parametrize("kind", NETWORKS)
+def test_every_network_kind_trains_and_loads(tmp_path, kind):
+    options, algo = NETWORKS[kind]
+    cfg = load_config(_setup(tmp_path, max_train_steps=2, train_batch_size=1, **options))
+    result = train(cfg, model=tiny_model())
+    assert result.status == "finished"
+    net = load_network(result.final_file)
+    assert net.algorithms() == [algo] and net.unmatched_keys == []
+    changed = [m for m in net.modules.values() if m.delta(torch.zeros(m.delta_shape())).abs().sum() > 0] \
+        if algo == "lora" else list(net.modules)
+    assert changed, "two steps must move the network away from its zero start"
+
+
+def test_unet_only_and_block_lr(tmp_path):
+    cfg = load_config(_setup(tmp_path, max_train_steps=2, network_train_unet_only=True,
+                             down_lr_weight="0,0,0,0,0,0,0,0,0,0,0,0", up_lr_weight="1,1,1,1,1,1,1,1,1,1,1,1"))
+    result = train(cfg, model=tiny_model())
+    info = describe(result.final_file)
+    assert info.modules == {"unet": 120}  # no TE, no IN blocks: M00 (1 transformer) + OUT03..11 (9) x 12 modules
+    assert not any(b.startswith("IN") for b in info.blocks)
+
+
+def test_samples_during_training(tmp_path):
+    (tmp_path / "prompts.txt").write_text("# samples\nsks red square --w 64 --h 64 --d 3 --s 4 --l 5\n"
+                                          "a cat --n blurry --w 64 --h 64 --s 3\n", encoding="utf-8")
+    cfg = load_config(_setup(tmp_path, max_train_steps=4, sample_every_n_steps=2, sample_prompts="prompts.txt",
+                             sample_sampler="k_euler_a"))
+    events, listen = _events({"sample"})
+    train(cfg, model=tiny_model(), listeners=[listen])
+    assert [len(e.paths) for e in events] == [2, 2]
+    assert all(Path(p).is_file() for e in events for p in e.paths)
+    assert sorted(os.listdir(tmp_path / "out" / "sample"))[0].startswith("tiny_000002_00_3")
+
+
+def _write_bad_image(tmp_path):
+    (tmp_path / "train" / "5_sks" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+
+
+BAD = {
+    "empty dataset": (lambda p: (p / "train" / "5_sks" / "img0.png").parent, {}, "empty"),
+    "corrupt image": (_write_bad_image, {}, "broken.png"),
+    "caption encoding": (lambda p: (p / "train" / "5_sks" / "img1.txt").write_bytes(b"caf\xe9 \xff"), {}, "img1.txt"),
+    "bucket fits no image": (lambda p: None, {"enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 64,
+                                              "resolution": 32}, "bucket"),
+    "unknown optimizer": (lambda p: None, {"optimizer_type": "AdamWTurbo"}, "AdamWTurbo"),
+    "unknown scheduler": (lambda p: None, {"lr_scheduler": "cosine_forever"}, "cosine_forever"),
+    "output not writable": (lambda p: (p / "blocked").write_text("a file"), {"output_dir": "blocked/out"},
+                            "output_dir"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_fails_before_any_step(tmp_path, case):
+    prepare, options, match = BAD[case]
+    if case == "empty dataset":
+        (tmp_path / "train" / "5_sks").mkdir(parents=True)
+        write_run(tmp_path, **options)
+    else:
+        _setup(tmp_path, **options)
+        prepare(tmp_path)
+    events, listen = _events({"step"})
+    with pytest.raises(LibLoraError, match=match):
+        cfg = load_config(tmp_path / "run.toml")
+        train(cfg, model=tiny_model(), listeners=[listen])
+    assert events == []
+    out = tmp_path / "out"
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+def test_resume_from_another_network_shape_is_refused_and_overwrites_nothing(tmp_path):
+    cfg = load_config(_setup(tmp_path, max_train_steps=2, save_state=True))
+    first = train(cfg, model=tiny_model())
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    cfg = load_config(tmp_path / "run.toml", overrides=["--network_dim", "8", "--resume",
+                                                        str(tmp_path / "out" / "tiny-state")])
+    with pytest.raises(ConfigError, match="another network shape"):
+        train(cfg, model=tiny_model())
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+    assert first.final_file.is_file()
