@@ -22,12 +22,14 @@ ensure_venv() {
     "$PYTHON_BIN" -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
   fi
-  local want; want=$(stamp_of requirements.txt)
+  local want; want=$(stamp_of requirements.txt pyproject.toml)
   if [[ ! -f "$VENV/.stamp-app" || $(cat "$VENV/.stamp-app") != "$want" ]]; then
     echo "[launch] installing torch==2.13.0 and requirements.txt (first run takes a few minutes)"
     # torch first and pinned: anything that admits a newer torch would pull the CUDA stack.
     "$PY" -m pip install -q "torch==2.13.0"
     "$PY" -m pip install -q -r requirements.txt "torch==2.13.0"
+    # lib_lora importable from any folder (`python -m lib_lora`, `accelerate launch -m lib_lora train ...`)
+    "$PY" -m pip install -q --no-deps -e .
     echo "$want" > "$VENV/.stamp-app"
   fi
 }

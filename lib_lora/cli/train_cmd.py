@@ -7,6 +7,7 @@ Ctrl-C stops after the current step and saves the LoRA and a resumable state.
 from __future__ import annotations
 
 import argparse
+import os
 
 from lib_lora.train.events import ProgressEvent
 
@@ -80,9 +81,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.dataset_config, overrides)
     stop = StopOnSignal()
     uninstall = stop.install()
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher only rank 0 talks
     try:
-        result = train(cfg, listeners=[ConsoleProgress(not args.no_progress)], should_stop=stop)
+        listeners = [ConsoleProgress(not args.no_progress)] if main_process else []
+        result = train(cfg, listeners=listeners, should_stop=stop)
     finally:
         uninstall()
-    print(result.report)
+    if main_process:
+        print(result.report)
     return {"finished": 0, "stopped": 130, "diverged": 3}[result.status]

@@ -194,6 +194,7 @@ def save_file(
     os.close(fd)
     try:
         st_save_file(prepared, tmp, metadata=meta or None)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; others (the web UI) must read ours
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -202,6 +203,12 @@ def save_file(
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
