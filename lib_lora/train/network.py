@@ -7,6 +7,7 @@ Block-wise dims and lr weights use the block ids of `blocks.py`.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,8 +128,7 @@ class TrainableNetwork(nn.Module):
         self.arch: Arch = targets.arch
         self.plans = {p.target.name: p for p in plan_modules(cfg, targets)}
         self.targets = targets
-        generator = torch.Generator().manual_seed(seed)
-        built = {name: self._build(plan, generator, initial) for name, plan in self.plans.items()}
+        built = {name: self._build(plan, _module_generator(seed, name), initial) for name, plan in self.plans.items()}
         self.nets = nn.ModuleDict(built)
         self._patcher: WeightPatcher | None = None
 
@@ -253,6 +253,13 @@ class MaxNormReport:
     keys_scaled: int
     mean_norm: float
     max_norm: float
+
+
+def _module_generator(seed: int, name: str) -> torch.Generator:
+    """Each module's initialisation depends on (seed, its name) only, not on the order a model lists its modules:
+    the web UI's LDM U-Net and the diffusers U-Net then start from the same network."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def _copy_weights(module: NetworkModule, source: NetworkModule) -> None:
