@@ -14,6 +14,7 @@ from lib_lora.errors import LibLoraError
 
 COMMANDS = {
     "info": ("lib_lora.cli.info_cmd", "show what a LoRA-family file holds"),
+    "generate": ("lib_lora.cli.generate_cmd", "generate images with <lora:...> prompts (the Generate tab's engine)"),
     "train": ("lib_lora.cli.train_cmd", "train a LoRA-family network (sd-scripts option names, TOML)"),
 }
 

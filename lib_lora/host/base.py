@@ -1,0 +1,81 @@
+"""The `Host` protocol: what the UI needs from wherever it runs (standalone app, A1111, Forge).
+
+The UI never touches a model, a file or the web UI's modules itself: it turns inputs into a request, hands
+it to the host and shows what comes back. Implementations: `standalone.py` here; the web-UI adapters live
+beside it and are the only files that import `modules.*`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from lib_lora.lora_library import LoraLibrary
+from lib_lora.sd.pipeline import GenerationParams
+from lib_lora.types import Arch
+
+ProgressFn = Callable[[int, int], None]  # (step, total)
+StopFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model a host has loaded, as the UI shows it."""
+
+    arch: Arch
+    name: str
+    short_hash: str = ""
+    source: str = ""  # a path, or "embedded"
+    resolution: int = 512
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def label(self) -> str:
+        h = f" [{self.short_hash}]" if self.short_hash else ""
+        return f"{self.name}{h} ({self.arch.label}, {self.resolution}px, {self.device} {self.dtype})"
+
+
+@dataclass
+class HostResult:
+    """Images a generation produced, their infotexts and seeds, and where the host saved them."""
+
+    images: list
+    infotexts: list[str]
+    seeds: list[int]
+    paths: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Host(Protocol):
+    """What the UI may ask of its host. Methods raise `LibLoraError` subclasses for bad input; the UI shows
+    the message and the host stays usable, its model unchanged."""
+
+    def model_info(self) -> ModelInfo | None:
+        """The loaded model, or None when none could be loaded (see `model_error`)."""
+
+    def model_error(self) -> str:
+        """Why no model is loaded ("" when one is)."""
+
+    def load_model(self, source: str) -> ModelInfo:
+        """Switch to another model (a checkpoint path, or "embedded"); on failure the old one stays."""
+
+    def lora_library(self) -> LoraLibrary:
+        """The LoRA folder."""
+
+    def block_presets(self) -> Mapping[str, str]:
+        """`lbw=` presets for the loaded model: built-in ones, then the user's presets file."""
+
+    def generate(self, params: GenerationParams, progress: ProgressFn | None = None,
+                 should_stop: StopFn | None = None) -> HostResult:
+        """Generate (prompt in the web UI's LoRA syntax), save the images, and return them."""
+
+    def interrupt(self) -> None:
+        """Ask the running generation to stop after its current step."""
+
+    def interrupted(self) -> bool:
+        """True after `interrupt()` until the next generation starts."""
+
+    def outputs_dir(self) -> Path:
+        """Where generated images are saved."""

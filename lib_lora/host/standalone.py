@@ -1,0 +1,196 @@
+"""The standalone host: one `SDModel` in this process (the embedded tiny model or a single-file checkpoint),
+the LoRA folder, an outputs folder. Used by `lib_lora.app` (./launch.sh) and `python -m lib_lora generate`.
+
+On a CUDA GPU the model runs in float16 with PyTorch's SDPA attention (xformers when installed); the VAE stays
+in float32 (SDXL's VAE overflows in float16). On CPU everything is float32.
+One lock serialises generation and model switching: two browser tabs never patch the same weights at once.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import threading
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from lib_lora import blocks
+from lib_lora.errors import FileFormatError, LibLoraError
+from lib_lora.host.base import HostResult, ModelInfo, ProgressFn, StopFn
+from lib_lora.lora_library import LoraLibrary
+from lib_lora.patching import WeightPatcher
+from lib_lora.sd.lora_generate import generate_with_loras, model_targets
+from lib_lora.sd.model import SDModel
+from lib_lora.sd.pipeline import GenerationParams, save_png
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_LORA_DIR = ROOT / "models" / "Lora"
+DEFAULT_OUTPUTS_DIR = ROOT / "outputs"
+EMBEDDED = "embedded"
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """CUDA in float16 when there is a GPU, else CPU in float32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def _use_fast_attention(model: SDModel) -> None:
+    # diffusers already uses SDPA on torch 2; xformers is faster on some GPUs when the user has installed it.
+    if model.device.type != "cuda" or importlib.util.find_spec("xformers") is None:
+        return
+    try:
+        model.unet.enable_xformers_memory_efficient_attention()
+    except (ImportError, RuntimeError, ValueError) as exc:  # a build for another torch/CUDA: SDPA stays
+        warnings.warn(f"xformers is installed but unusable ({exc}); using PyTorch SDPA attention", stacklevel=2)
+
+
+def load_model_source(source: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SDModel:
+    """Load "embedded" (models/tiny-sd1) or a single-file checkpoint (SD1/SD2/SDXL `.safetensors`).
+
+    Raises:
+        FileFormatError: missing, truncated or unrecognised file, naming it and what to do.
+    """
+    from lib_lora.sd.checkpoint import load_checkpoint
+    from lib_lora.sd.embedded import EMBEDDED_DIR, load_embedded
+
+    source = (source or EMBEDDED).strip()
+    if source == EMBEDDED:
+        try:
+            return load_embedded(device, dtype)
+        except (FileFormatError, OSError, ValueError) as exc:
+            raise FileFormatError(str(EMBEDDED_DIR), f"the embedded model could not be loaded ({exc}); build it with "
+                                                     "`python tools/build_tiny_model.py`, or start with --model "
+                                                     "PATH.safetensors") from None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileFormatError(str(path), "model file not found" if not path.exists() else "not a file")
+    try:
+        return load_checkpoint(path, device=device, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(str(path), f"cannot load this checkpoint: {exc}") from None
+
+
+class StandaloneHost:
+    """`Host` over a model in this process. Construct with `model=` (tests) or call `load_model`/`try_load`.
+
+    Args:
+        lora_dir: the LoRA folder (scanned recursively); outputs_dir: where images are saved.
+        presets_file: optional user `lbw=` presets (`NAME:w1,w2,...` per line).
+        device/dtype: default `pick_device()`.
+    """
+
+    def __init__(self, *, model: SDModel | None = None, lora_dir: str | Path = DEFAULT_LORA_DIR,
+                 outputs_dir: str | Path = DEFAULT_OUTPUTS_DIR, presets_file: str | Path | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        auto_device, auto_dtype = pick_device()
+        self.device = torch.device(device) if device is not None else auto_device
+        self.dtype = dtype or (auto_dtype if self.device.type == "cuda" else torch.float32)
+        self._library = LoraLibrary(lora_dir)
+        self._outputs = Path(outputs_dir)
+        self._presets_file = Path(presets_file) if presets_file else None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._model: SDModel | None = None
+        self._source = ""
+        self._patcher: WeightPatcher | None = None
+        self._error = "no model loaded"
+        if model is not None:
+            self._install(model, model.path or model.name)
+
+    # ------------------------------------------------------------------------------------ model
+
+    def _install(self, model: SDModel, source: str) -> None:
+        self._model, self._source, self._error = model, source, ""
+        self._patcher = WeightPatcher(model_targets(model))
+
+    def load_model(self, source: str) -> ModelInfo:
+        with self._lock:
+            model = load_model_source(source, self.device, self.dtype)
+            if self.device.type == "cuda":
+                model.vae.to(torch.float32)
+                _use_fast_attention(model)
+            self._install(model, source)
+            return self.model_info()
+
+    def try_load(self, source: str) -> ModelInfo | None:
+        """`load_model`, keeping the error message (shown by the UI) instead of raising."""
+        try:
+            return self.load_model(source)
+        except LibLoraError as exc:
+            if self._model is None:
+                self._error = str(exc)
+            warnings.warn(str(exc), stacklevel=2)
+            return None
+
+    def model_info(self) -> ModelInfo | None:
+        m = self._model
+        if m is None:
+            return None
+        return ModelInfo(arch=m.arch, name=m.name or Path(self._source).stem, short_hash=m.short_hash,
+                         source=self._source, resolution=m.resolution, device=str(m.device),
+                         dtype=str(m.dtype).removeprefix("torch."))
+
+    def model_error(self) -> str:
+        return self._error
+
+    @property
+    def model(self) -> SDModel | None:
+        return self._model
+
+    # ------------------------------------------------------------------------------------ LoRAs
+
+    def lora_library(self) -> LoraLibrary:
+        return self._library
+
+    def _user_presets(self) -> dict[str, str]:
+        if self._presets_file is None or not self._presets_file.is_file():
+            return {}
+        return blocks.load_presets_file(self._presets_file)
+
+    def block_presets(self) -> Mapping[str, str]:
+        info = self.model_info()
+        builtin = blocks.builtin_presets(info.arch) if info else {}
+        return {**builtin, **self._user_presets()}
+
+    # ------------------------------------------------------------------------------------ generation
+
+    def generate(self, params: GenerationParams, progress: ProgressFn | None = None,
+                 should_stop: StopFn | None = None) -> HostResult:
+        with self._lock:
+            if self._model is None:
+                raise FileFormatError(self._source or "model", self._error or "no model loaded")
+            self._stop.clear()
+
+            def stop() -> bool:
+                return self._stop.is_set() or bool(should_stop and should_stop())
+
+            result = generate_with_loras(self._model, params, self._library, patcher=self._patcher,
+                                         user_presets=self._user_presets(), progress=progress, should_stop=stop)
+            paths = [self._save(img, info, seed) for img, info, seed in
+                     zip(result.images, result.infotexts, result.seeds)]
+        return HostResult(result.images, result.infotexts, result.seeds, paths)
+
+    def _save(self, image, infotext: str, seed: int) -> str:
+        # The web UI's layout: outputs/txt2img-images/<date>/<counter>-<seed>.png
+        folder = self._outputs / "txt2img-images" / datetime.date.today().isoformat()
+        folder.mkdir(parents=True, exist_ok=True)
+        counter = sum(1 for p in folder.iterdir() if p.suffix == ".png")
+        path = folder / f"{counter:05d}-{seed}.png"
+        while path.exists():
+            counter += 1
+            path = folder / f"{counter:05d}-{seed}.png"
+        save_png(image, path, infotext)
+        return str(path)
+
+    def interrupt(self) -> None:
+        self._stop.set()
+
+    def interrupted(self) -> bool:
+        return self._stop.is_set()
+
+    def outputs_dir(self) -> Path:
+        return self._outputs
