@@ -317,8 +317,13 @@ class _Hook:
         original = module.forward
 
         def forward(x, *args, **kwargs):
+            entries = self.entries
+            if len(entries) == 1 and not args and not kwargs:
+                rebuilt = entries[0].module.rebuilt_forward(x, self.module, self.layer, entries[0].strength)
+                if rebuilt is not None:
+                    return rebuilt
             out = original(x, *args, **kwargs)
-            for e in self.entries:
+            for e in entries:
                 out = e.module.bypass(x, out, self.layer, self.module.weight, e.strength)
             return out
 

@@ -74,7 +74,8 @@ class NetworkModule(nn.Module):
         super().__init__()
         self.lora_name = name
         self.source = ""  # file the tensors came from, for error messages
-        self.alpha: Tensor | None = None
+        self._alpha: Tensor | None = None
+        self._scale: float | None = None  # alpha / rank as a Python float, computed once (hot in training)
         self.dora_scale: nn.Parameter | None = None
         # training only (module.train()): sd-scripts' network_dropout (on the down projection's output) and
         # rank_dropout (whole rank channels per sample, rescaled) for LoRA; module_dropout (skip the module for a
@@ -127,10 +128,19 @@ class NetworkModule(nn.Module):
         return None
 
     @property
+    def alpha(self) -> Tensor | None:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: Tensor | None) -> None:
+        self._alpha, self._scale = value, None
+
+    @property
     def scale(self) -> float:
-        if self.uses_alpha and self.alpha is not None and self.rank:
-            return float(self.alpha) / self.rank
-        return 1.0
+        if self._scale is None:
+            rank = self.rank
+            self._scale = float(self._alpha) / rank if self.uses_alpha and self._alpha is not None and rank else 1.0
+        return self._scale
 
     def check_shape(self, target_shape: torch.Size) -> None:
         """Raise ShapeMismatchError when this module cannot change a weight of `target_shape`."""
@@ -188,6 +198,12 @@ class NetworkModule(nn.Module):
             return b0
         base = torch.zeros_like(db, dtype=torch.float32) if b0 is None else _as_float(b0)
         return base + multiplier * _as_float(db)
+
+    def rebuilt_forward(self, x: Tensor, module: nn.Module, layer: LayerOp, multiplier: float) -> Tensor | None:
+        """The layer's output computed with W' = W0 + ΔW in one op, replacing the base layer's own forward, or
+        None where the bypass path (`bypass`) is cheaper or required. Algorithms that can rebuild cheaply
+        override it."""
+        return None
 
     def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
         """Layer output with this change applied, computed beside the frozen weight `w0`."""

@@ -109,9 +109,35 @@ class LoRAModule(NetworkModule):
         base = w0.to(torch.float32).reshape(up.shape[0], -1)
         return torch.addmm(base, up, down, alpha=multiplier * self.scale).reshape(w0.shape)
 
+    def rebuilt_forward(self, x: Tensor, module: nn.Module, layer: LayerOp, multiplier: float) -> Tensor | None:
+        """Rebuild when it costs fewer operations than the low-rank bypass (LyCORIS' "rebuild" mode).
+
+        Extra work over the frozen layer, in multiply-adds (forward + backward): bypass ≈ 3·rows·r·(in + out);
+        rebuild ≈ rows·in·out (the weight gradient it needs) + 3·in·out·r (building ΔW and its gradients). Small
+        layers and few rows favour rebuilding (and it launches 2 kernels instead of 5); SD-sized layers at
+        training resolutions favour the bypass.
+        """
+        if self.dora_scale is not None or self.lora_mid is not None or (self.training and (
+                self.dropout or self.rank_dropout or self.module_dropout or self.dylora_unit)):
+            return None
+        down, up = self.lora_down.weight, self.lora_up.weight
+        w0 = module.weight
+        out_f, in_f, r = w0.shape[0], w0[0].numel(), down.shape[0]
+        if layer.kind == "linear":
+            rows = x.numel() // x.shape[-1]
+        else:  # output positions of the conv
+            rows = x.shape[0] * x.shape[-1] * x.shape[-2] // (layer.stride[0] * layer.stride[1])
+        if rows * in_f * out_f + 3 * in_f * out_f * r > 3 * rows * r * (in_f + out_f):
+            return None
+        weight = torch.addmm(w0.reshape(out_f, -1).to(up.dtype), up.reshape(out_f, r), down.reshape(r, -1),
+                             alpha=multiplier * self.scale).reshape(w0.shape)
+        return layer(x, weight.to(x.dtype) if not torch.is_autocast_enabled() else weight, module.bias)
+
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
         """(down, up, scale) used this step: all ranks, or DyLoRA's random leading block while training."""
-        down, up = self.lora_down.weight.to(dtype), self.lora_up.weight.to(dtype)
+        down, up = self.lora_down.weight, self.lora_up.weight
+        if down.dtype != dtype:
+            down, up = down.to(dtype), up.to(dtype)
         if not (self.training and self.dylora_unit):
             return down, up, self.scale
         # DyLoRA (Valipour et al. 2022), as sd-scripts trains it: a random prefix of k ranks, only its last
@@ -129,7 +155,7 @@ class LoRAModule(NetworkModule):
             return super().bypass(x, base_out, layer, w0, multiplier)
         down, up, scale = self._factors(x.dtype)
         if layer.kind == "linear":
-            h = F.linear(x, down.flatten(1))
+            h = F.linear(x, down if down.dim() == 2 else down.flatten(1))
         elif self.lora_mid is None:
             if down.dim() == 2:  # a Linear-shaped file on a 1x1 conv
                 down, up = down[:, :, None, None], up[:, :, None, None]
@@ -145,5 +171,8 @@ class LoRAModule(NetworkModule):
                 (h.shape[0], h.shape[1], *([1] * (h.dim() - 2)))
             h = h * (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
-        h = F.linear(h, up.flatten(1)) if layer.kind == "linear" else F.conv2d(h, up)
+        if layer.kind == "linear":
+            h = F.linear(h, up if up.dim() == 2 else up.flatten(1))
+        else:
+            h = F.conv2d(h, up)
         return base_out + h * (multiplier * scale)

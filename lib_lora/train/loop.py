@@ -56,7 +56,7 @@ class Precision:
         if self.scaler:
             self.scaler.unscale_(optimizer)
         if max_norm and max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()

@@ -1,0 +1,143 @@
+"""Seconds per training step and peak RSS of our loop vs a plain diffusers + peft loop doing the same work:
+tiny SD1 model, LoRA rank 16 on the same U-Net and text-encoder layers (kohya's targets), AdamW, batch 4,
+64 px images read from disk each step, text encoder trained too. Each side runs in its own process (peak RSS
+is per process); both run in this one invocation, and the ratios are printed.
+
+    .venv/bin/python -m bench.train_step [--steps 30] [--threads 2]
+Targets: time ratio ours / reference <= 0.8, memory ratio <= 1.0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import ROOT, report
+
+RESOLUTION, BATCH, RANK = 64, 4, 16
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def make_data(folder: Path) -> None:
+    from tests.train.fixtures import write_images
+
+    write_images(folder / "train" / "1_sks", 16, size=RESOLUTION, caption="sks red square, blue background")
+
+
+def ours(folder: Path, steps: int) -> dict:
+    import time
+
+    from lib_lora.train.run import train
+    from lib_lora.train.toml_config import load_config
+    from tests.train.fixtures import tiny_model, write_run
+
+    cfg = load_config(write_run(folder, resolution=RESOLUTION, train_batch_size=BATCH, network_dim=RANK,
+                                network_alpha=RANK, max_train_steps=steps, optimizer_type="AdamW",
+                                learning_rate=1e-4, output_dir="out-ours", divergence_guard=False))
+    stamps = []
+    train(cfg, model=tiny_model(), listeners=[lambda e: stamps.append(time.perf_counter()) if e.kind == "step"
+                                              else None])
+    return {"seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+
+
+def reference(folder: Path, steps: int) -> dict:
+    import time
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from PIL import Image
+
+    from tests.train.fixtures import tiny_model
+
+    model = tiny_model()
+    unet, te, vae, tok = model.unet, model.text_encoders[0], model.vae, model.tokenizers[0]
+    for m in (unet, te, vae):
+        m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+    te.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TE_TARGETS))
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    files = sorted((folder / "train" / "1_sks").glob("*.png"))
+    unet.train()
+    te.train()
+    stamps = []
+    for step in range(steps):
+        batch = files[(step * BATCH) % len(files):][:BATCH]
+        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize(
+            (RESOLUTION, RESOLUTION)), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for f in batch])
+        captions = [f.with_suffix(".txt").read_text() for f in batch]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * model.vae_scale_factor
+        ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        hidden = te(ids).last_hidden_state
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],))
+        pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return {"seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+
+
+def child(which: str, folder: str, steps: int, threads: int) -> None:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    result = (ours if which == "ours" else reference)(Path(folder), steps)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(which: str, folder: Path, steps: int, threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-m", "bench.train_step", "--child", which, str(folder), str(steps),
+                          str(threads)], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side; the fastest counts")
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {"reference": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_data(folder)
+        for _ in range(args.rounds):  # alternate, so a busy moment of the machine hits both sides alike
+            for which in ("reference", "ours"):
+                runs[which].append(run_child(which, folder, args.steps, args.threads))
+    ref = min(runs["reference"], key=lambda r: r["seconds_per_step"])
+    us = min(runs["ours"], key=lambda r: r["seconds_per_step"])
+    report("train_step", {
+        "setup": f"tiny SD1, LoRA rank {RANK} on U-Net + text encoder (kohya targets), AdamW, batch {BATCH}, "
+                 f"{RESOLUTION}px, {args.steps} steps, {args.threads} threads, best of {args.rounds} runs per side",
+        "ours": us, "diffusers_peft": ref,
+        "time_ratio": round(us["seconds_per_step"] / ref["seconds_per_step"], 3), "time_target": "<= 0.8",
+        "memory_ratio": round(us["peak_rss_mb"] / ref["peak_rss_mb"], 3), "memory_target": "<= 1.0",
+    })
+
+
+if __name__ == "__main__":
+    main()
