@@ -7,6 +7,8 @@ order from the sampler state, so a resumed run continues exactly as an uninterru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import time
 from collections import deque
@@ -303,7 +305,8 @@ def _emit_start(s: Session) -> None:
 
     counts = ", ".join(f"{k} {v}" for k, v in summarize(s.network).items())
     notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes)
+    config = json.dumps(dataclasses.asdict(s.cfg), default=str, indent=1)
     s.emit(ProgressEvent("start", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch,
                          message=f"training {counts} modules ({s.cfg.network.algo}) on {s.dataset.num_train_images} "
                                  f"images, {s.total_steps} steps, seed {s.seed}",
-                         data={"notes": notes}))
+                         data={"notes": notes, "config": config}))

@@ -27,7 +27,11 @@ class TensorBoardLogger:
         w = self.writer
         if w is None:
             return
-        if event.kind == "step":
+        if event.kind == "start":
+            w.add_text("config", "```\n" + event.data.get("config", "") + "\n```", event.step)
+            if event.data.get("notes"):
+                w.add_text("notes", "\n".join(f"- {n}" for n in event.data["notes"]), event.step)
+        elif event.kind == "step":
             w.add_scalar("loss/current", event.loss, event.step)
             if event.smoothed is not None:
                 w.add_scalar("loss/average", event.smoothed, event.step)

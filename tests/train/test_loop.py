@@ -177,12 +177,20 @@ def test_samples_during_training(tmp_path):
     (tmp_path / "prompts.txt").write_text("# samples\nsks red square --w 64 --h 64 --d 3 --s 4 --l 5\n"
                                           "a cat --n blurry --w 64 --h 64 --s 3\n", encoding="utf-8")
     cfg = load_config(_setup(tmp_path, max_train_steps=4, sample_every_n_steps=2, sample_prompts="prompts.txt",
-                             sample_sampler="k_euler_a"))
+                             sample_sampler="k_euler_a", logging_dir="logs", log_prefix="run-"))
     events, listen = _events({"sample"})
     train(cfg, model=tiny_model(), listeners=[listen])
     assert [len(e.paths) for e in events] == [2, 2]
     assert all(Path(p).is_file() for e in events for p in e.paths)
     assert sorted(os.listdir(tmp_path / "out" / "sample"))[0].startswith("tiny_000002_00_3")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    assert run_dir.name.startswith("run-")
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/current")] == [1, 2, 3, 4]
+    assert "samples/00" in acc.Tags()["images"] and "config" in str(acc.Tags())
 
 
 def _write_bad_image(tmp_path):
