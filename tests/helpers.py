@@ -49,6 +49,11 @@ def lora_tensors(target: Target, algo: str, rank: int, g: torch.Generator, scale
         a = 2 if out_f % 2 == 0 else 1
         c = 2 if in_f % 2 == 0 else 1
         t = {"lokr_w1_a": r(a, 1) * 10, "lokr_w1_b": r(1, c), "lokr_w2": r(out_f // a, in_f // c, *kernel)}
+    elif algo == "lokr_tucker":
+        a = 2 if out_f % 2 == 0 else 1
+        c = 2 if in_f % 2 == 0 else 1
+        t = {"lokr_w1": r(a, c) * 10, "lokr_w2_a": r(rank, out_f // a), "lokr_w2_b": r(rank, in_f // c),
+             "lokr_t2": r(rank, rank, *kernel) * 10}
     elif algo == "ia3":
         return {"weight": r(out_f) * 10, "on_input": torch.tensor(False)}
     elif algo == "full":

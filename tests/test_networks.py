@@ -17,7 +17,7 @@ LAYERS = {
     "conv1x1": lambda: nn.Conv2d(16, 24, 1),
     "conv3x3": lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1),
 }
-ALGOS = ["lora", "dora", "lora_tucker", "loha", "loha_tucker", "lokr", "lokr_full", "ia3", "full"]
+ALGOS = ["lora", "dora", "lora_tucker", "loha", "loha_tucker", "lokr", "lokr_full", "lokr_tucker", "ia3", "full"]
 CASES = [(a, k) for a in ALGOS for k in LAYERS if not (a.endswith("_tucker") and k != "conv3x3")]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 

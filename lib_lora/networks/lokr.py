@@ -92,7 +92,8 @@ class LoKrModule(NetworkModule):
             return self.lokr_w2.to(torch.float32)
         a, b = self.lokr_w2_a.to(torch.float32), self.lokr_w2_b.to(torch.float32)
         if self.lokr_t2 is not None:
-            return torch.einsum("i j k l, i p, j r -> p r k l", self.lokr_t2.to(torch.float32), a, b)
+            # einsum returns a permuted view; kron needs contiguous memory
+            return torch.einsum("i j k l, i p, j r -> p r k l", self.lokr_t2.to(torch.float32), a, b).contiguous()
         w2 = a @ b
         return w2.reshape(w2.shape[0], -1, *kernel) if kernel else w2
 
