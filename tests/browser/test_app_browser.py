@@ -50,10 +50,12 @@ def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
             pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - localhost
-                if r.status == 200:
+                # the app prints its URL once launch() has returned, a moment after the server answers
+                if r.status == 200 and f"running at {url}" in log.read_text():
                     return
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     pytest.fail(f"the app did not answer at {url} within {START_TIMEOUT}s:\n{log.read_text()}")
 
 
@@ -76,7 +78,6 @@ def app_url(tmp_path_factory, tiny_sd1, tiny_sdxl):
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(proc, url, log)
-        assert f"running at {url}" in log.read_text()
         yield url
     finally:
         proc.terminate()
@@ -99,9 +100,24 @@ def page(app_url):
         browser.close()
 
 
+def _value_is(page, selector: str, expected: str) -> None:
+    page.wait_for_function("([sel, want]) => document.querySelector(sel).value === want", arg=[selector, expected],
+                           timeout=30_000)
+
+
 def test_generate_with_a_lora_and_an_lbw_preset(page):
-    page.locator("#lora_studio_model_status").get_by_text("SD1.x").wait_for(timeout=30_000)
-    page.locator("#lora_studio_prompt textarea").fill("a red circle <lora:style:1:lbw=OUTS>")
+    page.locator("#lora_studio_model_status").first.get_by_text("SD1.x").wait_for(timeout=30_000)
+    page.locator("#lora_studio_prompt textarea").fill("a red circle")
+    # the block-weight editor writes the lbw= value of a preset, the browser inserts the LoRA with it
+    page.get_by_text("Block weights (lbw)").click()
+    page.locator("#lora_studio_lbw_preset input").click()
+    page.get_by_role("option", name="OUTS", exact=True).click()
+    _value_is(page, "#lora_studio_lbw textarea", "OUTS")
+    page.locator("#lora_studio_lora_choice input").click()
+    page.get_by_role("option", name="style", exact=True).click()
+    page.get_by_label("with the block weights below").check()
+    page.locator("#lora_studio_lora_insert").click()
+    _value_is(page, "#lora_studio_prompt textarea", "a red circle <lora:style:1:lbw=OUTS>")
     page.locator("#lora_studio_seed input").fill("7")
     page.locator("#lora_studio_generate").click()
     page.locator("#lora_studio_gallery img").first.wait_for(timeout=90_000)
@@ -118,7 +134,7 @@ def test_generate_with_a_lora_and_an_lbw_preset(page):
 def test_unknown_lora_shows_a_message_and_the_app_keeps_running(page):
     page.locator("#lora_studio_prompt textarea").fill("a red circle <lora:stlye:1>")
     page.locator("#lora_studio_generate").click()
-    status = page.locator("#lora_studio_status")
+    status = page.locator("#lora_studio_status").first
     status.get_by_text("did you mean").wait_for(timeout=60_000)
     assert "'stlye' not found" in status.inner_text()
     page.locator("#lora_studio_prompt textarea").fill("a blue square <lora:mystyle:0.5>")
