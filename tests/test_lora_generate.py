@@ -288,6 +288,18 @@ def test_missing_or_corrupt_model_file_keeps_the_loaded_model(model, lora_dir, t
         fresh.generate(GenerationParams("x", steps=1))
 
 
+def test_embedded_model_missing_is_a_clear_message(tmp_path, monkeypatch, lora_dir):
+    from lib_lora.sd import embedded
+
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", tmp_path / "tiny-sd1")
+    host = StandaloneHost(lora_dir=lora_dir, outputs_dir=tmp_path)
+    with pytest.raises(FileFormatError) as info:
+        host.load_model("embedded")
+    assert "the embedded model could not be loaded" in str(info.value)
+    assert "tools/build_tiny_model.py" in str(info.value) and "--model" in str(info.value)
+    assert host.model_info() is None
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model):
     from lib_lora.sd.checkpoint_save import save_checkpoint

@@ -54,17 +54,18 @@ def load_model_source(source: str, device: torch.device | str = "cpu", dtype: to
     Raises:
         FileFormatError: missing, truncated or unrecognised file, naming it and what to do.
     """
+    from lib_lora.sd import embedded
     from lib_lora.sd.checkpoint import load_checkpoint
-    from lib_lora.sd.embedded import EMBEDDED_DIR, load_embedded
 
     source = (source or EMBEDDED).strip()
     if source == EMBEDDED:
+        folder = embedded.EMBEDDED_DIR
         try:
-            return load_embedded(device, dtype)
+            return embedded.load_embedded(device, dtype, folder=folder)
         except (FileFormatError, OSError, ValueError) as exc:
-            raise FileFormatError(str(EMBEDDED_DIR), f"the embedded model could not be loaded ({exc}); build it with "
-                                                     "`python tools/build_tiny_model.py`, or start with --model "
-                                                     "PATH.safetensors") from None
+            raise FileFormatError(str(folder), f"the embedded model could not be loaded ({exc}); build it with "
+                                               "`python tools/build_tiny_model.py`, or start with --model "
+                                               "PATH.safetensors") from None
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileFormatError(str(path), "model file not found" if not path.exists() else "not a file")
