@@ -141,3 +141,16 @@ def test_unknown_lora_shows_a_message_and_the_app_keeps_running(page):
     page.locator("#lora_studio_generate").click()
     status.get_by_text("seeds").wait_for(timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "app_after_error.png"), full_page=True)
+
+
+def test_progress_shows_and_interrupt_cancels(page):
+    page.locator("#lora_studio_prompt textarea").fill("a red circle <lora:style:1>")
+    steps = page.locator("#lora_studio_steps input[type=number]")
+    steps.fill("150")
+    steps.press("Enter")
+    page.locator("#lora_studio_generate").click()
+    page.get_by_text("step ", exact=False).first.wait_for(timeout=30_000)  # gr.Progress: "step k/150"
+    page.locator("#lora_studio_interrupt").click()
+    status = page.locator("#lora_studio_status").first
+    status.get_by_text("cancelled").wait_for(timeout=30_000)
+    assert "of 150" in status.inner_text()
