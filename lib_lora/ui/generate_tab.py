@@ -154,7 +154,9 @@ class GenerateTab:
         outputs = [self.output.gallery, self.output.infotext, self.output.status]
         inputs = {self.prompt.prompt, self.prompt.negative, *self.settings.inputs()}
         self.generate_button.click(self.on_generate, inputs=inputs, outputs=outputs)
-        self.interrupt_button.click(self.on_interrupt, inputs=None, outputs=[self.output.status], queue=False)
+        # No outputs: the running generation reports the cancellation itself; a second writer of the status
+        # box would race with it. Unqueued, so it runs while the generation holds the queue (gradio 3).
+        self.interrupt_button.click(self.on_interrupt, inputs=None, outputs=None, queue=False)
         editor = [self.block_weights.preset, *self.block_weights.sliders.values()]
         self.model.load_button.click(self.model.on_load, inputs={self.model.source}, outputs=[self.model.status]) \
             .then(self.block_weights.on_model_changed, inputs=None, outputs=editor) \
@@ -174,9 +176,9 @@ class GenerateTab:
             return self.output.failed(exc)
         return self.output.show(result)
 
-    def on_interrupt(self) -> dict:
+    def on_interrupt(self) -> None:
+        """Ask the host to stop after the current step."""
         self.host.interrupt()
-        return {self.output.status: message("interrupting after the current step", "warning")}
 
     def on_model_changed(self) -> dict:
         info = self.host.model_info()

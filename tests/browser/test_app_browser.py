@@ -8,6 +8,7 @@ Needs Debian chromium (`apt-get install chromium`; `./launch.sh test` installs i
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_progress_shows_and_interrupt_cancels(page):
     steps.fill("150")
     steps.press("Enter")
     page.locator("#lora_studio_generate").click()
-    page.get_by_text("step ", exact=False).first.wait_for(timeout=30_000)  # gr.Progress: "step k/150"
+    page.get_by_text(re.compile(r"step \d+/150")).first.wait_for(timeout=30_000)  # gr.Progress while it runs
     page.locator("#lora_studio_interrupt").click()
     status = page.locator("#lora_studio_status").first
     status.get_by_text("cancelled").wait_for(timeout=30_000)
