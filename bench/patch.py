@@ -8,10 +8,14 @@ model back as it was) on the same model in the same run. Target: ratio ours / di
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root is the base
 
 from bench.common import ROOT, report, timed
 from lib_lora import blocks

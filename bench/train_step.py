@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root is the base
+
 from bench.common import ROOT, report
 
 RESOLUTION, BATCH, RANK = 64, 4, 16

@@ -12,6 +12,7 @@ Names are produced by enumerating a model's real modules (`unet_targets`, `clip_
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -228,6 +229,7 @@ def split_kohya(name: str) -> tuple[Component, str]:
     return comp, name[len(comp.prefix) :]
 
 
+@functools.lru_cache(maxsize=65536)
 def kohya_to_path(name: str) -> tuple[Component, str]:
     """(component, dotted module path in the kohya spelling) of a kohya name.
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lib_lora import blocks, keys
+from lib_lora import blocks
 from lib_lora.blocks import BlockWeights
 from lib_lora.errors import ArchMismatchError, KeyMapError, NonFiniteError
 from lib_lora.keys import ModelTargets, Target
@@ -94,8 +94,7 @@ class _Slot:
 
 
 def _check_arch(network: LoadedNetwork, model_arch: Arch) -> None:
-    names = list(network.modules)
-    guess = keys.guess_arch(names, None, network.metadata)
+    guess = network.file_arch()
     file_is_xl = guess.arch is Arch.SDXL
     if file_is_xl != (model_arch is Arch.SDXL):
         where = network.path or network.name
@@ -186,7 +185,8 @@ class WeightPatcher:
                 strength = app.strength_of(name, self.targets.arch)
                 if strength == 0.0:
                     continue
-                module.to(device)
+                if module.lora_device() != device:
+                    module.to(device)
                 stacks.setdefault(name, []).append(Entry(owner, module, float(strength)))
                 report.applied[label] += 1
         return {k: tuple(v) for k, v in stacks.items()}, report

@@ -37,6 +37,13 @@ class LoadedNetwork:
     metadata: dict[str, str] = field(default_factory=dict)
     unmatched_keys: list[str] = field(default_factory=list)
     spelling: str = "kohya"
+    _file_arch: keys.ArchGuess | None = field(default=None, repr=False, compare=False)
+
+    def file_arch(self) -> keys.ArchGuess:
+        """The architecture the file's key names and metadata point to (computed once)."""
+        if self._file_arch is None:
+            self._file_arch = keys.guess_arch(self.modules, None, self.metadata)
+        return self._file_arch
 
     def components(self) -> dict[Component, int]:
         counts: dict[Component, int] = defaultdict(int)

@@ -84,6 +84,12 @@ class NetworkModule(nn.Module):
         self.rank_dropout = 0.0
         self.module_dropout = 0.0
 
+    def lora_device(self) -> torch.device:
+        """Device of the module's tensors (cpu when it has none)."""
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
     # -- format -----------------------------------------------------------------------------------
 
     @classmethod
