@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
+from lib_lora.io import save_file
 from lib_lora.keys import ModelTargets, Target, clip_text_targets, unet_targets
+from lib_lora.sd.model import SDModel
 from lib_lora.types import Arch, Component
+
+ROOT = Path(__file__).resolve().parents[1]
+TAGS = {"shapes": {"red circle": 12, "blue square": 7, "sks": 20}}
 
 
 def targets_of(components, arch: Arch, spelling: str = "diffusers") -> ModelTargets:
@@ -82,3 +89,30 @@ def checksum(*modules: torch.nn.Module) -> str:
             h.update(f"{i}.{name}".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def make_sd_model(components, arch: str = "sd1", resolution: int = 64) -> SDModel:
+    """An SDModel over tiny components, with the offline tokenizer."""
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(ROOT / "models" / "tokenizer"))
+    return SDModel(arch=Arch(arch), unet=components.unet, text_encoders=list(components.text_encoders),
+                   tokenizers=[tok] * len(components.text_encoders), vae=components.vae,
+                   prediction_type=components.prediction_type, resolution=resolution, name="tiny-test",
+                   short_hash="0123abcd")
+
+
+def write_lora_folder(folder: Path, sd1_components, sdxl_components) -> Path:
+    """style.safetensors (alias mystyle, trigger tags), sub/other.pt, xl (SDXL), v2 (SD2 by metadata), broken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = targets_of(sd1_components, Arch.SD1)
+    selected = targets.select(["attn", "te_attn", "te_mlp"])
+    meta = {"ss_output_name": "mystyle", "ss_tag_frequency": json.dumps(TAGS), "ss_base_model_version": "sd_v1"}
+    save_file(make_network_file(selected, rank=4, seed=1), folder / "style.safetensors", meta)
+    (folder / "sub").mkdir(exist_ok=True)
+    torch.save(make_network_file(targets.select(["attn"]), rank=2, seed=2), folder / "sub" / "other.pt")
+    save_file(make_network_file(selected, rank=4, seed=3), folder / "v2.safetensors", {"ss_v2": "True"})
+    xl = targets_of(sdxl_components, Arch.SDXL).select(["attn"])[:8]
+    save_file(make_network_file(xl, rank=2, seed=4), folder / "xl.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return folder

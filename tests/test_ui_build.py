@@ -14,8 +14,7 @@ from lib_lora.host.standalone import StandaloneHost
 from lib_lora.lora_library import LoraLibrary
 from lib_lora.sd.pipeline import SAMPLERS
 from lib_lora.types import Arch
-from tests.helpers import checksum
-from tests.test_lora_generate import make_sd_model, write_lora_folder
+from tests.helpers import checksum, make_sd_model, write_lora_folder
 
 gr = pytest.importorskip("gradio")
 

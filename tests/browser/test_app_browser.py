@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_lora_generate import make_sd_model, write_lora_folder
+from tests.helpers import make_sd_model, write_lora_folder
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -8,18 +8,15 @@ from PIL import Image
 
 from lib_lora.sd.model import SDModel
 from lib_lora.sd.tiny import tiny_components
-from lib_lora.types import Arch
-from tests.conftest import ROOT
+from tests.helpers import make_sd_model
 
 
 def tiny_model(arch: str = "sd1", seed: int = 0) -> SDModel:
-    from transformers import CLIPTokenizer
-
-    comps = tiny_components(arch, seed=seed)
-    tokenizer = CLIPTokenizer.from_pretrained(ROOT / "models" / "tokenizer")
-    tokenizers = [tokenizer] * len(comps.text_encoders)
-    return SDModel(Arch(arch), comps.unet, comps.text_encoders, tokenizers, comps.vae,
-                   prediction_type=comps.prediction_type, resolution=128, name=f"tiny-{arch}")
+    """A tiny random model at 128 px (16x16 latents: at 64 px the deepest level is 1x1 and normalisation there
+    makes gradients numerically fragile)."""
+    model = make_sd_model(tiny_components(arch, seed=seed), arch, resolution=128)
+    model.name = f"tiny-{arch}"
+    return model
 
 
 def write_images(folder: Path, n: int = 4, size: int = 128, caption: str = "sks red square",

@@ -1,0 +1,89 @@
+"""The shipped tiny model (models/tiny-sd1): loads exactly, has SD1's module tree, and draws what it is asked.
+
+The quality check generates the 40 held-out prompts (combinations never seen in training) through the
+real pipeline at 20 steps and reads colours and shapes back with the shapes metric.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lib_lora.io import load_file
+from lib_lora.sd.embedded import EMBEDDED_DIR, MODELS_DIR, evaluate_held_out, load_embedded, match_text_encoder_keys
+from lib_lora.sd.shapes import HELD_OUT, training_combos
+from lib_lora.sd.tiny import CLIP_TE, SD1_UNET
+from lib_lora.types import Arch
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_embedded()
+
+
+def test_loads_as_sd1_with_the_recipe_module_tree(model):
+    assert model.arch is Arch.SD1
+    assert (model.resolution, model.prediction_type, model.name) == (64, "epsilon", "tiny-sd1")
+    assert len(model.short_hash) == 10 and int(model.short_hash, 16) >= 0
+    assert model.dtype == torch.float32
+    for key, value in SD1_UNET.items():
+        if key != "sample_size":
+            got = model.unet.config[key]
+            assert (tuple(got) if isinstance(got, list) else got) == value, key
+    te = model.text_encoders[0].config
+    assert (te.hidden_size, te.num_hidden_layers, te.vocab_size, te.hidden_act) == (
+        CLIP_TE["hidden_size"], CLIP_TE["num_hidden_layers"], CLIP_TE["vocab_size"], CLIP_TE["hidden_act"])
+    assert 0.05 < model.vae_scale_factor < 20
+
+
+def test_vae_is_hostable_by_ldm_autoencoder(model):
+    cfg = model.vae.config
+    assert cfg.norm_num_groups == 32 and cfg.latent_channels == 4 and len(cfg.block_out_channels) == 4
+    # LDM builds channels as ch * ch_mult[i] with integer multipliers, GroupNorm(32) everywhere.
+    ch = cfg.block_out_channels[0]
+    assert all(c % 32 == 0 and c % ch == 0 for c in cfg.block_out_channels)
+
+
+def test_weights_load_exactly_from_fp16_files(model):
+    unet_file = load_file(EMBEDDED_DIR / "unet" / "diffusion_pytorch_model.safetensors").tensors
+    for key, value in model.unet.state_dict().items():
+        assert unet_file[key].dtype == torch.float16
+        assert torch.equal(value, unet_file[key].float()), key
+
+
+def test_text_encoder_file_uses_transformers4_spelling(model):
+    te_file = load_file(EMBEDDED_DIR / "text_encoder" / "model.safetensors").tensors
+    assert all(k.startswith("text_model.") for k in te_file)
+    assert "text_model.encoder.layers.11.self_attn.q_proj.weight" in te_file
+    module_sd = model.text_encoders[0].state_dict()
+    respelled = match_text_encoder_keys(te_file, set(module_sd))
+    for key, value in module_sd.items():
+        assert torch.equal(value, respelled[key].float()), key
+    # and the other way: a module tree with the `text_model.` level gets prefixed keys
+    prefixed = match_text_encoder_keys({"encoder.layers.0.mlp.fc1.weight": torch.zeros(1)}, {"text_model.x"})
+    assert list(prefixed) == ["text_model.encoder.layers.0.mlp.fc1.weight"]
+
+
+def test_model_json_and_size_budget():
+    info = json.loads((EMBEDDED_DIR / "model.json").read_text())
+    assert info["arch"] == "sd1" and info["resolution"] == 64
+    assert info["schedule"] == {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                "beta_schedule": "scaled_linear"}
+    total = sum(p.stat().st_size for p in MODELS_DIR.rglob("*") if p.is_file())
+    assert total < 30 * 2**20, f"models/ holds {total / 2**20:.1f} MiB"
+    assert (EMBEDDED_DIR / "samples.png").is_file()
+
+
+def test_held_out_prompts_are_not_in_training():
+    assert len(HELD_OUT) == 40 and len(set(HELD_OUT)) == 40
+    assert not set(HELD_OUT) & set(training_combos())
+
+
+def test_held_out_prompts_come_out_right(model):
+    report, images = evaluate_held_out(model, steps=20)
+    assert len(images) == 40 and images[0].size == (64, 64)
+    detail = "\n".join(report.failures())
+    assert report.colour_checks == 80 and report.shape_checks == 40
+    assert report.colour_matches >= 72, f"{report.summary()}\n{detail}"
+    assert report.shape_matches >= 30, f"{report.summary()}\n{detail}"
