@@ -16,6 +16,8 @@ COMMANDS = {
     "info": ("lib_lora.cli.info_cmd", "show what a LoRA-family file holds"),
     "generate": ("lib_lora.cli.generate_cmd", "generate images with <lora:...> prompts (the Generate tab's engine)"),
     "train": ("lib_lora.cli.train_cmd", "train a LoRA-family network (sd-scripts option names, TOML)"),
+    "export-model": ("lib_lora.cli.export_model_cmd",
+                     "write a model (e.g. the embedded one) as an LDM single-file checkpoint + yaml for the web UI"),
 }
 
 

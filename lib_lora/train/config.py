@@ -333,6 +333,9 @@ class LossConfig:
 
     prior_loss_weight: float = 1.0
     min_snr_gamma: float | None = None
+    scale_v_pred_loss_like_noise_pred: bool = False
+    v_pred_like_loss: float | None = None
+    debiased_estimation_loss: bool = False
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
     multires_noise_iterations: int | None = None
@@ -344,6 +347,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         check_positive("prior_loss_weight", self.prior_loss_weight, allow_zero=True)
         check_positive("min_snr_gamma", self.min_snr_gamma)
+        check_positive("v_pred_like_loss", self.v_pred_like_loss, allow_zero=True)
         check_positive("noise_offset", self.noise_offset, allow_zero=True)
         check_positive("multires_noise_iterations", self.multires_noise_iterations)
         check_fraction("multires_noise_discount", self.multires_noise_discount, inclusive_one=True)

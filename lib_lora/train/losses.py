@@ -10,8 +10,11 @@ The order of operations is sd-scripts' `train_network.py`, so runs compare with 
     per_sample = per_sample_mse(pred, target, mask)       # mean over C, H, W (mask multiplies, no renormalising)
     per_sample = per_sample * loss_weights                # prior_loss_weight of regularisation images
     per_sample = per_sample * min_snr_weights(...)        # if min_snr_gamma
+    per_sample = per_sample * SNR/(SNR+1)                 # if scale_v_pred_loss_like_noise_pred (v only)
+    per_sample = per_sample * (1 + k (SNR+1)/SNR)         # if v_pred_like_loss = k
+    per_sample = per_sample * debiased_weights(...)       # if debiased_estimation_loss
     loss = per_sample.mean()
-`diffusion_loss` does the last four lines.
+`diffusion_loss` does everything from `per_sample_mse` on.
 """
 from __future__ import annotations
 
@@ -169,6 +172,38 @@ def min_snr_weights(timesteps: Tensor, alphas_cumprod: Tensor, gamma: float, pre
     raise ConfigError("prediction_type", prediction_type, f"must be one of {PREDICTION_TYPES}")
 
 
+# sd-scripts clamps the SNR at 1000 in these three weightings (it is ~5e5 at t = 0 on SD's schedule).
+SNR_CLAMP = 1000.0
+
+
+def _clamped_snr(timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    return torch.clamp(snr(timesteps, alphas_cumprod), max=SNR_CLAMP)
+
+
+def debiased_weights(timesteps: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """Debiased estimation (Yu et al. 2023, as sd-scripts' `debiased_estimation_loss`): 1/sqrt(SNR) for ε,
+    1/(SNR + 1) for v. Weighs the noisy end, where a model decides colours and layout, far above the clean end."""
+    s = _clamped_snr(timesteps, alphas_cumprod)
+    if prediction_type == "epsilon":
+        return 1.0 / torch.sqrt(s)
+    if prediction_type == "v_prediction":
+        return 1.0 / (s + 1.0)
+    raise ConfigError("prediction_type", prediction_type, f"must be one of {PREDICTION_TYPES}")
+
+
+def v_pred_like_weights(timesteps: Tensor, alphas_cumprod: Tensor, strength: float) -> Tensor:
+    """sd-scripts' `v_pred_like_loss`: add `strength` times the loss as a v-loss would weigh it, i.e.
+    loss + strength * loss * (SNR + 1)/SNR."""
+    s = _clamped_snr(timesteps, alphas_cumprod)
+    return 1.0 + strength * (s + 1.0) / s
+
+
+def v_as_noise_weights(timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """sd-scripts' `scale_v_pred_loss_like_noise_pred`: SNR/(SNR + 1), a v-loss scaled to an ε-loss's size."""
+    s = _clamped_snr(timesteps, alphas_cumprod)
+    return s / (s + 1.0)
+
+
 def mask_for_loss(alpha_masks: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, H, W) image-resolution alpha masks -> (B, 1, h, w) at latent size, by area averaging (sd-scripts)."""
     if alpha_masks.dim() != 3:
@@ -200,7 +235,9 @@ def reduce_loss(per_sample: Tensor, weights: Tensor | None = None) -> Tensor:
 
 def diffusion_loss(pred: Tensor, target: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, *,
                    prediction_type: str, loss_weights: Tensor | None = None, alpha_masks: Tensor | None = None,
-                   min_snr_gamma: float | None = None) -> tuple[Tensor, Tensor]:
+                   min_snr_gamma: float | None = None, scale_v_pred_loss_like_noise_pred: bool = False,
+                   v_pred_like_loss: float | None = None,
+                   debiased_estimation_loss: bool = False) -> tuple[Tensor, Tensor]:
     """(scalar loss, detached per-sample losses) for one batch; see the module docstring for the order."""
     mask = mask_for_loss(alpha_masks, tuple(pred.shape[-2:])) if alpha_masks is not None else None
     per_sample = per_sample_mse(pred, target, mask)
@@ -209,6 +246,13 @@ def diffusion_loss(pred: Tensor, target: Tensor, timesteps: Tensor, alphas_cumpr
     if min_snr_gamma:
         per_sample = per_sample * min_snr_weights(timesteps.to(per_sample.device), alphas_cumprod, min_snr_gamma,
                                                   prediction_type)
+    t = timesteps.to(per_sample.device)
+    if scale_v_pred_loss_like_noise_pred and prediction_type == "v_prediction":
+        per_sample = per_sample * v_as_noise_weights(t, alphas_cumprod)
+    if v_pred_like_loss:
+        per_sample = per_sample * v_pred_like_weights(t, alphas_cumprod, v_pred_like_loss)
+    if debiased_estimation_loss:
+        per_sample = per_sample * debiased_weights(t, alphas_cumprod, prediction_type)
     return per_sample.mean(), per_sample.detach()
 
 

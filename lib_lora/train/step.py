@@ -54,7 +54,10 @@ def _loss_at(s, batch: Batch, latents, noise, t, *, with_grad: bool) -> torch.Te
     target = losses.target_for(family.prediction_type, latents, noise, t, ac)
     loss, _ = losses.diffusion_loss(pred, target, t, ac, prediction_type=family.prediction_type,
                                     loss_weights=batch.loss_weights, alpha_masks=batch.alpha_masks,
-                                    min_snr_gamma=cfg.loss.min_snr_gamma)
+                                    min_snr_gamma=cfg.loss.min_snr_gamma,
+                                    scale_v_pred_loss_like_noise_pred=cfg.loss.scale_v_pred_loss_like_noise_pred,
+                                    v_pred_like_loss=cfg.loss.v_pred_like_loss,
+                                    debiased_estimation_loss=cfg.loss.debiased_estimation_loss)
     return loss
 
 

@@ -152,3 +152,27 @@ def test_diffusion_loss_composes_the_parts():
     torch.testing.assert_close(per, manual)
     torch.testing.assert_close(loss, manual.mean())
     assert not per.requires_grad
+
+
+def test_debiased_and_v_pred_like_weights_follow_sd_scripts():
+    # sd-scripts: snr clamped at 1000; debiased 1/sqrt(snr) (eps) or 1/(snr+1) (v); v_pred_like adds
+    # k * loss * (snr+1)/snr; scale_v_pred_loss_like_noise_pred multiplies a v-loss by snr/(snr+1).
+    t = torch.tensor([0, 200, 999])
+    s = (AC[t] / (1 - AC[t])).clamp(max=1000.0)
+    assert s[0].item() == 1000.0
+    torch.testing.assert_close(losses.debiased_weights(t, AC, "epsilon"), 1 / s.sqrt())
+    torch.testing.assert_close(losses.debiased_weights(t, AC, "v_prediction"), 1 / (s + 1))
+    torch.testing.assert_close(losses.v_pred_like_weights(t, AC, 0.2), 1 + 0.2 * (s + 1) / s)
+    torch.testing.assert_close(losses.v_as_noise_weights(t, AC), s / (s + 1))
+    w = losses.debiased_weights(t, AC, "epsilon")
+    assert w[2] > 10 * w[1] > 10 * w[0]  # the noisy end dominates
+    pred, target = torch.randn(3, 4, 8, 8, generator=_gen(1)), torch.randn(3, 4, 8, 8, generator=_gen(2))
+    loss, per = losses.diffusion_loss(pred, target, t, AC, prediction_type="epsilon", min_snr_gamma=5.0,
+                                      v_pred_like_loss=0.2, debiased_estimation_loss=True)
+    manual = (losses.per_sample_mse(pred, target) * losses.min_snr_weights(t, AC, 5.0, "epsilon")
+              * losses.v_pred_like_weights(t, AC, 0.2) * w)
+    torch.testing.assert_close(per, manual)
+    # the eps-only scaling leaves an eps loss alone
+    _, plain = losses.diffusion_loss(pred, target, t, AC, prediction_type="epsilon",
+                                     scale_v_pred_loss_like_noise_pred=True)
+    torch.testing.assert_close(plain, losses.per_sample_mse(pred, target))
