@@ -66,7 +66,7 @@ class BuildConfig:
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
     latent_images: int = 8192
-    steps: int = 1400
+    steps: int = 1300
     captions_per_batch: int = 16
     images_per_caption: int = 4
     lr: float = 2e-3
