@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from lib_lora.sd import shapes  # noqa: E402
 from lib_lora.sd.model import NoiseSchedule  # noqa: E402
 from lib_lora.sd.tiny import CLIP_TE, SD1_UNET  # noqa: E402
+from lib_lora.train.losses import alphas_cumprod_for  # noqa: E402
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(64, 64, 64, 64), layers_per_block=1,
@@ -195,13 +196,6 @@ def encode_dataset(vae, cfg: BuildConfig, clock: Clock) -> LatentSet:
 # ---------------------------------------------------------------------------------------- diffusion
 
 
-def alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
-    """The LDM 'scaled_linear' schedule: betas linear in sqrt space."""
-    betas = torch.linspace(schedule.beta_start**0.5, schedule.beta_end**0.5, schedule.num_train_timesteps,
-                           dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
-
-
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -260,7 +254,7 @@ def train_diffusion(cfg: BuildConfig, data: LatentSet, tokenizer, clock: Clock, 
     # pad id == end-of-text id in CLIP: every position from the first one on
     after_text = torch.cumsum(ids == tokenizer.eos_token_id, dim=1) > 0
     targets = caption_targets(data.combos)
-    ab = alphas_cumprod(NoiseSchedule())
+    ab = alphas_cumprod_for(**asdict(NoiseSchedule()))
     n_cap, n_img = cfg.captions_per_batch, cfg.images_per_caption
     for step in range(cfg.steps):
         for g in opt.param_groups:
