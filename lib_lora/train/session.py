@@ -67,6 +67,14 @@ class Session:
     def network_trains_text_encoder(self) -> bool:
         return any(p.target.component.is_text_encoder for p in self.network.plans.values())
 
+    @property
+    def text_encoder_is_deterministic(self) -> bool:
+        """No dropout of any kind in the text-encoder part of the network (rows with the same caption then get
+        the same conditioning, so each distinct caption is encoded once)."""
+        return not any(getattr(m, attr, 0) for name, m in self.network.nets.items()
+                       if self.network.plans[name].target.component.is_text_encoder
+                       for attr in ("dropout", "rank_dropout", "module_dropout"))
+
 
 def _check_output_dir(cfg: TrainConfig) -> Path:
     folder = cfg.output.output_dir

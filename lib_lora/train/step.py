@@ -48,7 +48,7 @@ def _loss_at(s, batch: Batch, latents, noise, t, *, with_grad: bool) -> torch.Te
     family, cfg = s.family, s.cfg
     ac = family.alphas_cumprod
     cond = family.conditioning_for(batch, clip_skip=cfg.model.clip_skip, max_token_length=cfg.model.max_token_length,
-                                   with_grad=with_grad)
+                                   with_grad=with_grad, dedupe=not with_grad or s.text_encoder_is_deterministic)
     noisy = losses.add_noise(latents, noise, t, ac)
     pred = family.predict(noisy, t, cond)
     target = losses.target_for(family.prediction_type, latents, noise, t, ac)

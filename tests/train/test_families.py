@@ -81,15 +81,17 @@ def make_network(targets: ModelTargets, arch: Arch, *, up_scale: float = 0.0, se
 
 
 def loss_and_grads(family: ModelFamily, net: LoadedNetwork, images: torch.Tensor, *, max_token_length=None,
-                   clip_skip=None, checkpointing: bool = False, min_snr_gamma=5.0):
+                   clip_skip=None, checkpointing: bool = False, min_snr_gamma=5.0, captions=CAPTIONS,
+                   dedupe: bool = True):
     """One training step's loss and the LoRA gradients, with fixed VAE sample, noise and timesteps."""
     patcher = WeightPatcher(family.targets(), "hooked")
     patcher.apply([Application(net)])
     try:
         family.set_gradient_checkpointing(checkpointing)
-        batch = _batch(CAPTIONS, images)
+        batch = _batch(captions, images)
         latents = family.encode_images(images, generator=torch.Generator().manual_seed(0))
-        cond = family.conditioning_for(batch, clip_skip=clip_skip, max_token_length=max_token_length, with_grad=True)
+        cond = family.conditioning_for(batch, clip_skip=clip_skip, max_token_length=max_token_length, with_grad=True,
+                                       dedupe=dedupe)
         g = torch.Generator().manual_seed(1)
         noise = losses.make_noise(latents, offset=0.05, multires_iterations=3, generator=g)
         t = losses.sample_timesteps(latents.shape[0], generator=g)
@@ -256,6 +258,21 @@ def test_lora_gets_gradients_and_training_lowers_the_loss(pairs, arch):
         history.append(loss.item())
     assert history[-1] < 0.9 * history[0], history
     assert checksum(*model.modules()) == before  # hooked: base weights untouched
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_repeated_captions_are_encoded_once_with_the_same_loss_and_grads(pairs, arch, monkeypatch):
+    family = pairs[arch][0]
+    net = make_network(family.targets(), family.arch, up_scale=0.02, seed=3)
+    captions = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]]
+    encoded: list[list[str]] = []
+    encode = family.encode_prompts
+    monkeypatch.setattr(family, "encode_prompts", lambda c, **kw: encoded.append(list(c)) or encode(c, **kw))
+    each_loss, each = loss_and_grads(family, net, _images(3), captions=captions, dedupe=False)
+    once_loss, once = loss_and_grads(family, net, _images(3), captions=captions)
+    assert encoded == [captions, CAPTIONS]
+    torch.testing.assert_close(once_loss, each_loss, rtol=1e-5, atol=1e-7)
+    _assert_same_grads(once, each, rel=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads(pairs):

@@ -73,8 +73,10 @@ class ModelFamily(Protocol):
         """Text conditioning (no extra). with_grad: keep the graph (a text-encoder network is trained)."""
 
     def conditioning_for(self, batch: Batch, *, clip_skip: int | None = None, max_token_length: int | None = None,
-                         with_grad: bool = False) -> Conditioning:
-        """`encode_prompts(batch.captions)` or the batch's cached outputs, plus SDXL time ids, on `device`."""
+                         with_grad: bool = False, dedupe: bool = True) -> Conditioning:
+        """`encode_prompts(batch.captions)` or the batch's cached outputs, plus SDXL time ids, on `device`.
+        dedupe: encode each distinct caption once (the encoder is deterministic for them; pass False when a
+        text-encoder network draws dropout masks per row)."""
 
     def predict(self, noisy: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
         """U-Net output for noisy latents at integer timesteps (inputs cast to `dtype`)."""
@@ -214,12 +216,20 @@ class FamilyBase:
 
     # -- shared
     def conditioning_for(self, batch: Batch, *, clip_skip: int | None = None, max_token_length: int | None = None,
-                         with_grad: bool = False) -> Conditioning:
+                         with_grad: bool = False, dedupe: bool = True) -> Conditioning:
         if batch.text_encoder_outputs is not None and not with_grad:
             cond = Conditioning.from_dict(batch.text_encoder_outputs)
         else:
-            cond = self.encode_prompts(list(batch.captions), clip_skip=clip_skip, max_token_length=max_token_length,
+            captions = list(batch.captions)
+            # A folder without caption files captions every image with its class tokens (sd-scripts), so whole
+            # batches often share one caption: run the text encoder once per distinct caption. Indexing the
+            # result gives the same values, and the same gradients (summed over the rows that share a caption).
+            unique = list(dict.fromkeys(captions)) if dedupe else captions
+            cond = self.encode_prompts(unique, clip_skip=clip_skip, max_token_length=max_token_length,
                                        with_grad=with_grad)
+            if len(unique) < len(captions):
+                position = {c: i for i, c in enumerate(unique)}
+                cond = cond.rows(torch.tensor([position[c] for c in captions], device=cond.context.device))
         cond = cond.to(self.device)
         if self.arch is Arch.SDXL:
             cond.extra["time_ids"] = sdxl_time_ids(batch.original_sizes_hw, batch.crop_top_lefts,

@@ -46,6 +46,11 @@ class Conditioning:
         return Conditioning(move(self.context), None if self.pooled is None else move(self.pooled),
                             {k: move(v) for k, v in self.extra.items()})
 
+    def rows(self, index: Tensor) -> Conditioning:
+        """The batch rows `index` (a row may repeat)."""
+        return Conditioning(self.context[index], None if self.pooled is None else self.pooled[index],
+                            {k: v[index] for k, v in self.extra.items()})
+
     def as_dict(self) -> dict[str, Tensor]:
         """The text-encoder part (batch first), as the text-encoder-output cache stores it."""
         out = {"context": self.context}
