@@ -66,9 +66,8 @@ class BuildConfig:
     vae_layers: int = 0
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
-    vae_edge_weight: float = 0.0
     latent_images: int = 8192
-    steps: int = 1300
+    steps: int = 1400
     captions_per_batch: int = 16
     images_per_caption: int = 4
     lr: float = 2e-3
@@ -114,45 +113,38 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 # ------------------------------------------------------------------------------------------------ VAE
 
 
-def edge_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """L1 between the images' horizontal and vertical differences: a blurred edge or a rounded corner costs
-    here even where its few pixels hardly move the L1/MSE terms."""
-    return (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2))) / 2
-
-
 def train_vae(cfg: BuildConfig, clock: Clock, callback=None):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    vae = AutoencoderKL(**vae_config(cfg)).train()
+    # channels-last convolutions: ~10% faster on CPU for this full-resolution VAE
+    vae = AutoencoderKL(**vae_config(cfg)).train().to(memory_format=torch.channels_last)
     with torch.no_grad():
         # Start with a posterior std near 0.05: at the default std 1 the sampled latents are noise and the
         # decoder first spends a few hundred steps learning only the mean image.
         vae.quant_conv.bias[VAE_CONFIG["latent_channels"]:] = -6.0
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr, fused=True)
     combos = shapes.all_combos()  # the VAE may see held-out scenes: it is not what the test measures
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
             g["lr"] = cfg.vae_lr * lr_at(step, cfg.vae_steps, 50)
-        x = to_tensor(shapes.sample_batch(rng, cfg.vae_batch, combos)[0])
+        x = to_tensor(shapes.sample_batch(rng, cfg.vae_batch, combos)[0]).contiguous(memory_format=torch.channels_last)
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
         # L1 keeps edges sharp (the metric reads corners); MSE pulls the colours.
         rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        if cfg.vae_edge_weight:
-            rec = rec + cfg.vae_edge_weight * edge_loss(recon, x)
         kl = post.kl().mean() / post.mean[0].numel()
         loss = rec + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0, foreach=True)
         opt.step()
         if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
             print(f"{clock.stamp()} vae {step:5d} loss {rec.item():.5f} kl {kl.item():.3f}", flush=True)
         if callback is not None:
             callback(step, vae)
-    return vae.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False).to(memory_format=torch.contiguous_format)
 
 
 def check_vae(vae, seed: int, n: int = 200) -> shapes.EvalReport:
@@ -207,8 +199,7 @@ def encode_dataset(vae, cfg: BuildConfig, clock: Clock) -> LatentSet:
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -257,7 +248,8 @@ def train_diffusion(cfg: BuildConfig, data: LatentSet, tokenizer, clock: Clock, 
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     probe = CaptionProbe(CLIP_TE["hidden_size"], len(shapes.COLOURS), len(shapes.BASE_SHAPES))
     params = list(unet.parameters()) + list(te.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    # fused (one kernel over all tensors; the per-tensor loop took 13% of a step on CPU)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, fused=True)
     ids = tokenize(tokenizer, [c.caption for c in data.combos] + [""])
     empty = len(data.combos)
     # pad id == end-of-text id in CLIP: every position from the first one on
@@ -297,7 +289,7 @@ def train_diffusion(cfg: BuildConfig, data: LatentSet, tokenizer, clock: Clock, 
         loss = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)

@@ -75,7 +75,7 @@ def model():
 def _concept_run(tmp_path: Path, **options):
     write_concept(tmp_path / "train" / "10_sks")
     base = dict(pretrained_model_name_or_path="embedded", resolution=64, network_dim=8, network_alpha=8,
-                learning_rate=2e-3, max_train_steps=150, train_batch_size=4, output_name="pink",
+                learning_rate=1e-3, max_train_steps=150, train_batch_size=4, output_name="pink",
                 lr_scheduler="constant", seed=3)
     base.update(options)
     return load_config(write_run(tmp_path, **base))
@@ -105,7 +105,9 @@ def test_a_trigger_word_learns_a_new_colour(tmp_path, model):
     assert right >= N_IMAGES - 1, [(r.shape_colour, r.background) for r in reads]
     trigger_change = mean_abs_change(before_trigger, after_trigger)
     other_change = mean_abs_change(before_other, after_other)
-    assert other_change < 0.6 * trigger_change, (other_change, trigger_change)
+    # measured: 5.2 vs 21.0 mean abs pixel change (at lr 2e-3 the same run also muddied the green squares: 21.1
+    # vs 22.4; this check is what caught it)
+    assert other_change < 0.4 * trigger_change, (other_change, trigger_change)
 
 
 def test_lr_1e_1_trips_the_guard_and_ends_with_a_usable_file(tmp_path, model):

@@ -238,3 +238,23 @@ def test_resume_from_another_network_shape_is_refused_and_overwrites_nothing(tmp
         train(cfg, model=tiny_model())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
     assert first.final_file.is_file()
+
+
+def test_repeated_captions_share_one_encoding_only_without_text_encoder_dropout(tmp_path):
+    from lib_lora.train import session
+    from lib_lora.train.families import family_for
+    from lib_lora.train.run import model_facts
+
+    model = tiny_model()
+    family = family_for(model)
+    try:
+        def deterministic(**options) -> bool:
+            cfg = load_config(_setup(tmp_path, **options))
+            return session.prepare(cfg, family, model_facts(model)).text_encoder_is_deterministic
+
+        assert deterministic()
+        assert not deterministic(network_dropout=0.1)
+        assert not deterministic(network_args=["module_dropout=0.1"])
+        assert deterministic(network_dropout=0.1, network_train_unet_only=True)
+    finally:
+        family.close()
