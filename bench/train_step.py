@@ -55,7 +55,7 @@ def ours(folder: Path, steps: int) -> dict:
     stamps = []
     train(cfg, model=tiny_model(), listeners=[lambda e: stamps.append(time.perf_counter()) if e.kind == "step"
                                               else None])
-    return {"seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+    return step_times(stamps)
 
 
 def reference(folder: Path, steps: int) -> dict:
@@ -102,7 +102,15 @@ def reference(folder: Path, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append(time.perf_counter())
-    return {"seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}
+    return step_times(stamps)
+
+
+def step_times(stamps: list[float]) -> dict:
+    """Mean seconds per step over the run, and the median step (less sensitive to a stall of the machine)."""
+    import statistics
+
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"seconds_per_step": (stamps[-1] - stamps[0]) / len(steps), "median_step_s": statistics.median(steps)}
 
 
 def child(which: str, folder: str, steps: int, threads: int) -> None:
@@ -148,6 +156,8 @@ def main() -> None:
         results[dataset] = {
             "ours": us, "diffusers_peft": ref,
             "time_ratio": round(us["seconds_per_step"] / ref["seconds_per_step"], 3),
+            "median_step_ratio": round(min(r["median_step_s"] for r in runs["ours"])
+                                       / min(r["median_step_s"] for r in runs["reference"]), 3),
             "memory_ratio": round(us["peak_rss_mb"] / ref["peak_rss_mb"], 3)}
     report("train_step", {
         "setup": f"tiny SD1, LoRA rank {RANK} on U-Net + text encoder (kohya targets), AdamW, batch {BATCH}, "
