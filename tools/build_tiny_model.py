@@ -118,7 +118,7 @@ def train_vae(cfg: BuildConfig, clock: Clock, callback=None):
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    # channels-last convolutions: ~10% faster on CPU for this full-resolution VAE
+    # channels-last convolutions (9% faster per step measured alone; the build's VAE phase took as long as before)
     vae = AutoencoderKL(**vae_config(cfg)).train().to(memory_format=torch.channels_last)
     with torch.no_grad():
         # Start with a posterior std near 0.05: at the default std 1 the sampled latents are noise and the
