@@ -6,6 +6,7 @@ a resume state of another network shape, ...) raises here, before any step runs 
 """
 from __future__ import annotations
 
+import functools
 import random
 import tempfile
 import time
@@ -67,10 +68,11 @@ class Session:
     def network_trains_text_encoder(self) -> bool:
         return any(p.target.component.is_text_encoder for p in self.network.plans.values())
 
-    @property
+    @functools.cached_property
     def text_encoder_is_deterministic(self) -> bool:
         """No dropout of any kind in the text-encoder part of the network (rows with the same caption then get
-        the same conditioning, so each distinct caption is encoded once)."""
+        the same conditioning, so each distinct caption is encoded once). Fixed when the network is built, so
+        worked out once, not at every step."""
         return not any(getattr(m, attr, 0) for name, m in self.network.nets.items()
                        if self.network.plans[name].target.component.is_text_encoder
                        for attr in ("dropout", "rank_dropout", "module_dropout"))
