@@ -119,3 +119,44 @@ def test_alpha_missing_means_scale_one_and_alpha_scales():
     d2 = half.modules["lora_unet_x"].delta(layer.weight)
     torch.testing.assert_close(d1, up @ down)
     torch.testing.assert_close(d2, up @ down * 0.5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_as_matrix_product_equals_the_convolution(bias):
+    from lib_lora.networks.lora import pointwise_conv
+
+    layer = nn.Conv2d(16, 24, 1, bias=bias)
+    assert LayerOp.of(layer).is_pointwise(layer.weight)
+    assert not LayerOp.of(nn.Conv2d(16, 24, 1, stride=2)).is_pointwise(layer.weight)
+    assert not LayerOp.of(nn.Conv2d(16, 24, 3, padding=1)).is_pointwise(nn.Conv2d(16, 24, 3).weight)
+    x = torch.randn(2, 16, 5, 7, requires_grad=True)
+    w = layer.weight.detach().reshape(24, 16).clone().requires_grad_(True)
+    got = pointwise_conv(x, w, layer.bias)
+    expected = nn.functional.conv2d(x, w.reshape(24, 16, 1, 1), layer.bias)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, w), g)
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, (x, w), g), atol=1e-5, rtol=1e-5)
+
+
+def test_delta_groups_take_small_plain_lora_modules_of_one_shape():
+    from lib_lora.networks.lora import LoRAModule, delta_groups, shared_deltas
+
+    g = torch.Generator().manual_seed(0)
+
+    def make(name, shape, rank, alpha=None):
+        m = LoRAModule.create(name, torch.Size(shape), rank, alpha, generator=g)
+        torch.nn.init.normal_(m.lora_up.weight, generator=g)
+        return m
+
+    a, b, c = make("a", (32, 32), 16), make("b", (32, 32), 16, alpha=4), make("c", (32, 32), 16)
+    wide = [make(f"w{i}", (512, 512), 16) for i in range(2)]  # rebuilding costs more than the bypass there
+    lone = make("lone", (32, 48), 16)  # a group of one gains nothing
+    c.dropout = 0.1  # dropout is drawn per call: not shareable
+    groups = delta_groups([a, b, c, lone, *wide], 1 << 16)
+    assert [[m.lora_name for m in group.members] for group in groups] == [["a", "b"]]
+    assert delta_groups([a, b], 32 * 32 - 1) == []  # over the size limit
+    with shared_deltas(groups):
+        for m in (a, b):  # scales differ (alpha 16 vs 4): each module's ΔW carries its own
+            torch.testing.assert_close(m.shared_delta, m.delta(torch.zeros(32, 32)), rtol=1e-5, atol=1e-6)
+    assert a.shared_delta is None and b.shared_delta is None

@@ -42,6 +42,12 @@ class LayerOp:
             return cls("conv", tuple(module.stride), module.padding, tuple(module.dilation), module.groups)
         return cls("linear")
 
+    def is_pointwise(self, weight: Tensor) -> bool:
+        """A 1x1 conv that is a per-pixel matrix product (stride 1, no padding or dilation, one group)."""
+        return (self.kind == "conv" and weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1
+                and self.stride == (1, 1) and self.padding in ((0, 0), "valid") and self.dilation == (1, 1)
+                and self.groups == 1)
+
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, weight, bias)

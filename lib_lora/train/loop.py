@@ -103,9 +103,10 @@ def run(s: Session) -> TrainResult:
             s.epoch = s.sampler.epoch
             for plan in s.sampler.epoch_batches():
                 batch = s.dataset.load_batch(plan, s.seed)
-                with precision.autocast():
-                    loss = batch_loss(s, batch, step_seed(s.seed, s.step, micro, s.dist.rank))
-                precision.backward(loss / accum)
+                with s.network.share_deltas():
+                    with precision.autocast():
+                        loss = batch_loss(s, batch, step_seed(s.seed, s.step, micro, s.dist.rank))
+                    precision.backward(loss / accum)
                 losses.append(float(loss.detach()))
                 seen.extend(batch.paths)
                 micro += 1

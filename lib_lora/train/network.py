@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from lib_lora import blocks
 from lib_lora.errors import ConfigError, ShapeMismatchError
 from lib_lora.keys import ModelTargets, Target
 from lib_lora.networks import ALGORITHMS, LoadedNetwork, NetworkModule, load_network
+from lib_lora.networks.lora import DeltaGroup, delta_groups, shared_deltas
 from lib_lora.patching import Application, WeightPatcher
 from lib_lora.train.blockwise import dims_by_block, lr_weights_by_block
 from lib_lora.train.config import NetworkConfig, OptimizerConfig
@@ -38,6 +40,9 @@ LYCORIS_PRESET_ROLES = {
 BUILDS = {"lora": ("lora", False, False), "locon": ("lora", False, False), "dylora": ("lora", True, False),
           "lora_fa": ("lora", False, True), "loha": ("loha", False, False), "lokr": ("lokr", False, False),
           "ia3": ("ia3", False, False), "full": ("full", False, False)}
+# weights up to this many elements (out x in·kh·kw) get their ΔW in one batched product per shape while training:
+# at that size a layer's LoRA costs more in per-operation overhead than in arithmetic
+SHARED_DELTA_MAX_ELEMENTS = 1 << 16
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_proj", ".v_proj", ".out_proj")
 
 
@@ -131,6 +136,7 @@ class TrainableNetwork(nn.Module):
         built = {name: self._build(plan, _module_generator(seed, name), initial) for name, plan in self.plans.items()}
         self.nets = nn.ModuleDict(built)
         self._patcher: WeightPatcher | None = None
+        self._delta_groups: list[DeltaGroup] | None = None
 
     # ------------------------------------------------------------------------------------ build
 
@@ -184,6 +190,19 @@ class TrainableNetwork(nn.Module):
     def detach(self) -> None:
         if self._patcher is not None:
             self._patcher.restore()
+
+    @contextmanager
+    def share_deltas(self) -> Iterator[None]:
+        """One training forward + backward pass with the ΔW of small plain LoRA modules computed per shape in one
+        batched product (`lora.shared_deltas`). Keep the block open through `backward()`: gradient checkpointing
+        reruns the forward there. No-op outside training with gradients (sampling and validation)."""
+        if not (self.training and torch.is_grad_enabled()):
+            yield
+            return
+        if self._delta_groups is None:
+            self._delta_groups = delta_groups(self.nets.values(), SHARED_DELTA_MAX_ELEMENTS)
+        with shared_deltas(self._delta_groups):
+            yield
 
     # ------------------------------------------------------------------------------- optimizer
 

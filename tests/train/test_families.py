@@ -8,7 +8,7 @@ import torch
 from lib_lora.errors import ConfigError
 from lib_lora.keys import ModelTargets
 from lib_lora.networks import LoadedNetwork
-from lib_lora.networks.lora import LoRAModule
+from lib_lora.networks.lora import LoRAModule, delta_groups, shared_deltas
 from lib_lora.patching import Application, WeightPatcher
 from lib_lora.sd.checkpoint import load_tokenizers
 from lib_lora.train import losses
@@ -67,12 +67,12 @@ def _batch(captions: list[str], images: torch.Tensor) -> Batch:
 
 
 def make_network(targets: ModelTargets, arch: Arch, *, up_scale: float = 0.0, seed: int = 0,
-                 roles=TRAIN_ROLES) -> LoadedNetwork:
+                 roles=TRAIN_ROLES, rank: int = 4) -> LoadedNetwork:
     """A trainable LoRA on every target of `roles`, created in name order (so two families get equal modules)."""
     g = torch.Generator().manual_seed(seed)
     modules = {}
     for t in sorted(targets.select(roles), key=lambda t: t.name):
-        m = LoRAModule.create(t.name, t.shape, 4, alpha=2.0, generator=g)
+        m = LoRAModule.create(t.name, t.shape, rank, alpha=rank / 2, generator=g)
         if up_scale:
             with torch.no_grad():
                 m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * up_scale)
@@ -82,31 +82,37 @@ def make_network(targets: ModelTargets, arch: Arch, *, up_scale: float = 0.0, se
 
 def loss_and_grads(family: ModelFamily, net: LoadedNetwork, images: torch.Tensor, *, max_token_length=None,
                    clip_skip=None, checkpointing: bool = False, min_snr_gamma=5.0, captions=CAPTIONS,
-                   dedupe: bool = True):
-    """One training step's loss and the LoRA gradients, with fixed VAE sample, noise and timesteps."""
+                   dedupe: bool = True, shared: bool = False):
+    """One training step's loss and the LoRA gradients, with fixed VAE sample, noise and timesteps; `shared`: the
+    ΔW of same-shaped modules computed together, as the training loop does."""
     patcher = WeightPatcher(family.targets(), "hooked")
     patcher.apply([Application(net)])
+    groups = delta_groups(net.modules.values(), 1 << 20) if shared else []
+    assert groups or not shared
     try:
         family.set_gradient_checkpointing(checkpointing)
-        batch = _batch(captions, images)
-        latents = family.encode_images(images, generator=torch.Generator().manual_seed(0))
-        cond = family.conditioning_for(batch, clip_skip=clip_skip, max_token_length=max_token_length, with_grad=True,
-                                       dedupe=dedupe)
-        g = torch.Generator().manual_seed(1)
-        noise = losses.make_noise(latents, offset=0.05, multires_iterations=3, generator=g)
-        t = losses.sample_timesteps(latents.shape[0], generator=g)
-        noisy = losses.add_noise(latents, noise, t, family.alphas_cumprod)
-        pred = family.predict(noisy, t, cond)
-        target = losses.target_for(family.prediction_type, latents, noise, t, family.alphas_cumprod)
-        loss, _ = losses.diffusion_loss(pred, target, t, family.alphas_cumprod, prediction_type=family.prediction_type,
-                                        loss_weights=batch.loss_weights, min_snr_gamma=min_snr_gamma)
         for m in net.modules.values():
             m.zero_grad(set_to_none=True)
-        loss.backward()
+        with shared_deltas(groups):
+            batch = _batch(captions, images)
+            latents = family.encode_images(images, generator=torch.Generator().manual_seed(0))
+            cond = family.conditioning_for(batch, clip_skip=clip_skip, max_token_length=max_token_length,
+                                           with_grad=True, dedupe=dedupe)
+            g = torch.Generator().manual_seed(1)
+            noise = losses.make_noise(latents, offset=0.05, multires_iterations=3, generator=g)
+            t = losses.sample_timesteps(latents.shape[0], generator=g)
+            noisy = losses.add_noise(latents, noise, t, family.alphas_cumprod)
+            pred = family.predict(noisy, t, cond)
+            target = losses.target_for(family.prediction_type, latents, noise, t, family.alphas_cumprod)
+            loss, _ = losses.diffusion_loss(pred, target, t, family.alphas_cumprod,
+                                            prediction_type=family.prediction_type, loss_weights=batch.loss_weights,
+                                            min_snr_gamma=min_snr_gamma)
+            loss.backward()
         grads = {name: (m.lora_down.weight.grad, m.lora_up.weight.grad) for name, m in net.modules.items()}
     finally:
         family.set_gradient_checkpointing(False)
         patcher.restore()
+    assert all(m.shared_delta is None for m in net.modules.values())
     return loss.detach(), grads
 
 
@@ -273,6 +279,35 @@ def test_repeated_captions_are_encoded_once_with_the_same_loss_and_grads(pairs, 
     assert encoded == [captions, CAPTIONS]
     torch.testing.assert_close(once_loss, each_loss, rtol=1e-5, atol=1e-7)
     _assert_same_grads(once, each, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_deltas_computed_per_shape_group_give_the_same_loss_and_grads(pairs, arch, monkeypatch):
+    """The training loop computes the ΔW of same-shaped small modules in one batched product (and 1x1 convs as a
+    matrix product on the CPU): same loss and gradients as module by module, also under gradient checkpointing
+    (which reruns the forward inside backward), on the diffusers and the web UI (LDM) U-Net."""
+    rebuilt = LoRAModule.rebuilt_forward
+    used: list[str] = []
+
+    def spy(self, x, module, layer, multiplier):
+        out = rebuilt(self, x, module, layer, multiplier)
+        if out is not None and self.shared_delta is not None:
+            used.append(("pointwise " if layer.is_pointwise(module.weight) else "") + self.lora_name)
+        return out
+
+    monkeypatch.setattr(LoRAModule, "rebuilt_forward", spy)
+    for family in pairs[arch][:2]:
+        # rank 16 on 32-64 wide layers: rebuilding the weight is the cheaper path, so the shared ΔW are used
+        net = make_network(family.targets(), family.arch, up_scale=0.02, seed=4, rank=16)
+        each_loss, each = loss_and_grads(family, net, _images())
+        assert not used
+        for checkpointing in (False, True):
+            shared_loss, shared = loss_and_grads(family, net, _images(), shared=True, checkpointing=checkpointing)
+            torch.testing.assert_close(shared_loss, each_loss, rtol=1e-5, atol=1e-7)
+            _assert_same_grads(shared, each, rel=1e-4)
+            assert len({n for n in used if "_te" in n}) > 10 and len({n for n in used if "_unet_" in n}) > 10
+            assert arch == "sdxl" or any(n.startswith("pointwise") for n in used)  # SD1's 1x1 proj_in/out
+            used.clear()
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_grads(pairs):

@@ -258,3 +258,33 @@ def test_repeated_captions_share_one_encoding_only_without_text_encoder_dropout(
         assert deterministic(network_dropout=0.1, network_train_unet_only=True)
     finally:
         family.close()
+
+
+def test_batched_deltas_train_the_same_network_as_module_by_module(tmp_path, monkeypatch):
+    """The loop computes the ΔW of same-shaped small modules in one batched product per pass: the trained file is
+    the one the module-by-module path gives (AdamW with weight decay, clip skip 2 so the last text-encoder layer's
+    modules get no gradient and must stay untouched, gradient accumulation over two micro-batches)."""
+    from lib_lora.networks import lora
+    from lib_lora.train import network
+
+    options = dict(network_dim=16, network_alpha=8, max_train_steps=3, clip_skip=2, gradient_accumulation_steps=2,
+                   optimizer_args=["weight_decay=0.1"], divergence_guard=False)
+    used = []
+    shared = lora.shared_deltas
+
+    def spy(groups):
+        used.append(sum(len(g.members) for g in groups))
+        return shared(groups)
+
+    monkeypatch.setattr(network, "shared_deltas", spy)
+    batched = train(load_config(_setup(tmp_path / "shared", **options)), model=tiny_model()).final_file
+    assert len(used) == 6 and used[0] > 200  # every micro-batch, nearly all 264 modules
+    monkeypatch.setattr(network, "SHARED_DELTA_MAX_ELEMENTS", 0)
+    alone = train(load_config(_setup(tmp_path / "single", **options)), model=tiny_model()).final_file
+    got, expected = load_file(batched).tensors, load_file(alone).tensors
+    assert got.keys() == expected.keys()
+    for key in expected:
+        # Adam turns rounding-sized gradient differences into ~1e-6 steps; a decayed weight would be off by ~3e-5
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=2e-6, msg=key)
+        if "layers_11_" in key:  # no gradient, no optimizer step, in both
+            assert torch.equal(got[key], expected[key]), key
