@@ -126,9 +126,9 @@ def test_pointwise_conv_as_matrix_product_equals_the_convolution(bias):
     from lib_lora.networks.lora import pointwise_conv
 
     layer = nn.Conv2d(16, 24, 1, bias=bias)
-    assert LayerOp.of(layer).is_pointwise(layer.weight)
-    assert not LayerOp.of(nn.Conv2d(16, 24, 1, stride=2)).is_pointwise(layer.weight)
-    assert not LayerOp.of(nn.Conv2d(16, 24, 3, padding=1)).is_pointwise(nn.Conv2d(16, 24, 3).weight)
+    assert LayerOp.of(layer).pointwise and not LayerOp.of(nn.Linear(16, 24)).pointwise
+    assert not LayerOp.of(nn.Conv2d(16, 24, 1, stride=2)).pointwise
+    assert not LayerOp.of(nn.Conv2d(16, 24, 3, padding=1)).pointwise
     x = torch.randn(2, 16, 5, 7, requires_grad=True)
     w = layer.weight.detach().reshape(24, 16).clone().requires_grad_(True)
     got = pointwise_conv(x, w, layer.bias)

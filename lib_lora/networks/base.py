@@ -35,18 +35,16 @@ class LayerOp:
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    pointwise: bool = False  # a 1x1 conv that is a per-pixel matrix product (stride 1, no padding, one group)
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerOp:
         if isinstance(module, nn.Conv2d):
-            return cls("conv", tuple(module.stride), module.padding, tuple(module.dilation), module.groups)
+            geometry = (tuple(module.stride), module.padding, tuple(module.dilation), module.groups)
+            pointwise = tuple(module.kernel_size) == (1, 1) and geometry[0] == (1, 1) and geometry[1] in (
+                (0, 0), "valid") and geometry[2] == (1, 1) and geometry[3] == 1
+            return cls("conv", *geometry, pointwise=pointwise)
         return cls("linear")
-
-    def is_pointwise(self, weight: Tensor) -> bool:
-        """A 1x1 conv that is a per-pixel matrix product (stride 1, no padding or dilation, one group)."""
-        return (self.kind == "conv" and weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1
-                and self.stride == (1, 1) and self.padding in ((0, 0), "valid") and self.dilation == (1, 1)
-                and self.groups == 1)
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.kind == "linear":

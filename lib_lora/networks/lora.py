@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -123,31 +123,32 @@ class LoRAModule(NetworkModule):
         """Rebuild when it costs fewer operations than the low-rank bypass (LyCORIS' "rebuild" mode).
 
         Extra work over the frozen layer, in multiply-adds (forward + backward): bypass ≈ 3·rows·r·(in + out);
-        rebuild ≈ rows·in·out (the weight gradient it needs) + 3·in·out·r (building ΔW and its gradients; already
-        paid when `shared_delta` is set). Small layers and few rows favour rebuilding (and it launches 2 kernels
-        instead of 5); SD-sized layers at training resolutions favour the bypass.
+        rebuild ≈ rows·in·out (the weight gradient it needs) + 3·in·out·r (building ΔW and its gradients). Small
+        layers and few rows favour rebuilding (and it launches 2 kernels instead of 5); SD-sized layers at
+        training resolutions favour the bypass. With `shared_delta` set, ΔW is built already and `delta_groups`
+        admitted this module only where rebuilding is the cheaper path at any input size.
         """
-        if self.dora_scale is not None or self.lora_mid is not None or (self.training and (
-                self.dropout or self.rank_dropout or self.module_dropout or self.dylora_unit)):
-            return None
-        down, up, shared = self.lora_down.weight, self.lora_up.weight, self.shared_delta
+        shared = self.shared_delta
         w0 = module.weight
-        out_f, in_f, r = w0.shape[0], w0[0].numel(), down.shape[0]
-        if layer.kind == "linear":
-            rows = x.numel() // x.shape[-1]
-        else:  # output positions of the conv
-            rows = x.shape[0] * x.shape[-1] * x.shape[-2] // (layer.stride[0] * layer.stride[1])
-        build = 0 if shared is not None else 3 * in_f * out_f * r
-        if rows * in_f * out_f + build > 3 * rows * r * (in_f + out_f):
-            return None
-        base = w0.reshape(out_f, -1).to(up.dtype)
         if shared is not None:
-            weight = torch.add(base, shared, alpha=multiplier)
+            weight = torch.add(w0.reshape(shared.shape), shared, alpha=multiplier)
         else:
-            weight = torch.addmm(base, up.reshape(out_f, r), down.reshape(r, -1), alpha=multiplier * self.scale)
+            if self.dora_scale is not None or self.lora_mid is not None or (self.training and (
+                    self.dropout or self.rank_dropout or self.module_dropout or self.dylora_unit)):
+                return None
+            down, up = self.lora_down.weight, self.lora_up.weight
+            out_f, in_f, r = w0.shape[0], w0[0].numel(), down.shape[0]
+            if layer.kind == "linear":
+                rows = x.numel() // x.shape[-1]
+            else:  # output positions of the conv
+                rows = x.shape[0] * x.shape[-1] * x.shape[-2] // (layer.stride[0] * layer.stride[1])
+            if rows * in_f * out_f + 3 * in_f * out_f * r > 3 * rows * r * (in_f + out_f):
+                return None
+            weight = torch.addmm(w0.reshape(out_f, -1).to(up.dtype), up.reshape(out_f, r), down.reshape(r, -1),
+                                 alpha=multiplier * self.scale)
         if not torch.is_autocast_enabled():
             weight = weight.to(x.dtype)
-        if x.device.type == "cpu" and layer.is_pointwise(w0):
+        if layer.pointwise and x.device.type == "cpu":
             return pointwise_conv(x, weight, module.bias)
         return layer(x, weight.reshape(w0.shape), module.bias)
 
@@ -215,9 +216,13 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @dataclass(frozen=True)
 class DeltaGroup:
     """LoRA modules of one shape (out, in·k·k, rank, dtype, device) whose ΔW are computed in one batched product;
-    `scale` is their common alpha/rank, or a [n, 1, 1] tensor of their scales when those differ."""
+    `scale` is their common alpha/rank, or a [n, 1, 1] tensor of their scales when those differ. Their factors are
+    listed once here: the per-step work is then two stacks, one product and one unbind."""
 
     members: tuple[LoRAModule, ...]
+    ups: tuple[Tensor, ...]
+    downs: tuple[Tensor, ...]
+    shape: tuple[int, int, int]  # (out, rank, in·k·k)
     scale: float | Tensor
 
 
@@ -235,21 +240,21 @@ def delta_groups(modules: Iterable[NetworkModule], max_elements: int) -> list[De
         up, down = m.lora_up.weight, m.lora_down.weight
         out_f, in_f = up.shape[0], down[0].numel()
         if out_f * in_f <= max_elements and out_f * in_f <= 3 * m.rank * (out_f + in_f):
-            by_shape[(out_f, in_f, m.rank, up.dtype, up.device)].append(m)
+            by_shape[(out_f, in_f, m.rank, up.dtype, up.device, up.dim())].append(m)
     groups = []
-    for members in by_shape.values():
+    for (out_f, in_f, rank, dtype, device, _), members in by_shape.items():
         if len(members) < 2:
             continue
         scales = [m.scale for m in members]
-        up = members[0].lora_up.weight
         scale = scales[0] if len(set(scales)) == 1 else \
-            torch.tensor(scales, dtype=up.dtype, device=up.device).reshape(-1, 1, 1)
-        groups.append(DeltaGroup(tuple(members), scale))
+            torch.tensor(scales, dtype=dtype, device=device).reshape(-1, 1, 1)
+        groups.append(DeltaGroup(tuple(members), tuple(m.lora_up.weight for m in members),
+                                 tuple(m.lora_down.weight for m in members), (out_f, rank, in_f), scale))
     return groups
 
 
 @contextmanager
-def shared_deltas(groups: Iterable[DeltaGroup]) -> Iterator[None]:
+def shared_deltas(groups: Sequence[DeltaGroup]) -> Iterator[None]:
     """Within the block, each module of `groups` holds its ΔW (scale included) as `shared_delta`, computed with
     its group in one batched product, and uses it wherever it applies ΔW: one kernel and one backward node per
     group instead of one per module, the same values up to rounding. The block must span the forward and backward
@@ -259,29 +264,30 @@ def shared_deltas(groups: Iterable[DeltaGroup]) -> Iterator[None]:
     zero gradients from the batched product where it gets none on its own; those are reset to None when the block
     closes, so optimizers skip it (no weight decay) exactly as before.
     """
-    shared: list[LoRAModule] = []
-    unreached: list[tuple[LoRAModule, list[bool]]] = []  # modules without a gradient yet, and whether ΔW got one
+    # (group, whether each member's ΔW got a gradient, members without a gradient when the block opened)
+    passes: list[tuple[DeltaGroup, list[bool], list[int]]] = []
     try:
         for group in groups:
-            ups = torch.stack([m.lora_up.weight.reshape(m.lora_up.weight.shape[0], m.rank) for m in group.members])
-            downs = torch.stack([m.lora_down.weight.reshape(m.rank, -1) for m in group.members])
+            n, (out_f, rank, in_f) = len(group.members), group.shape
+            ups = torch.stack(group.ups).reshape(n, out_f, rank)
+            downs = torch.stack(group.downs).reshape(n, rank, in_f)
             deltas = (torch.bmm(ups, downs) * group.scale).unbind(0)
-            reached = [False] * len(deltas)
+            reached = [False] * n
             if deltas[0].requires_grad:
                 deltas[0].grad_fn.register_prehook(lambda grads, seen=reached: _mark(seen, grads))
+            fresh = [i for i, (up, down) in enumerate(zip(group.ups, group.downs))
+                     if up.grad is None and down.grad is None]
+            passes.append((group, reached, fresh))
             for module, delta in zip(group.members, deltas):
-                module.shared_delta = delta
-                shared.append(module)
-                if module.lora_up.weight.grad is None and module.lora_down.weight.grad is None:
-                    unreached.append((module, reached))
+                module.__dict__["shared_delta"] = delta  # a plain attribute: nn.Module's setattr is slow per step
         yield
     finally:
-        for module in shared:
-            module.shared_delta = None
-        index = {id(m): i for group in groups for i, m in enumerate(group.members)}
-        for module, reached in unreached:
-            if not reached[index[id(module)]]:
-                module.lora_up.weight.grad = module.lora_down.weight.grad = None
+        for group, reached, fresh in passes:
+            for module in group.members:
+                module.__dict__["shared_delta"] = None
+            for i in fresh:
+                if not reached[i]:
+                    group.ups[i].grad = group.downs[i].grad = None
 
 
 def _mark(seen: list[bool], grads: tuple[Tensor | None, ...]) -> None:

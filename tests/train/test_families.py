@@ -292,7 +292,7 @@ def test_deltas_computed_per_shape_group_give_the_same_loss_and_grads(pairs, arc
     def spy(self, x, module, layer, multiplier):
         out = rebuilt(self, x, module, layer, multiplier)
         if out is not None and self.shared_delta is not None:
-            used.append(("pointwise " if layer.is_pointwise(module.weight) else "") + self.lora_name)
+            used.append(("pointwise " if layer.pointwise else "") + self.lora_name)
         return out
 
     monkeypatch.setattr(LoRAModule, "rebuilt_forward", spy)
