@@ -46,16 +46,22 @@ def make_data(folder: Path, dataset: str = "shared_caption") -> None:
             caption_file.write_text(f"{CAPTION}, photo {i}", encoding="utf-8")
 
 
+def our_config(folder: Path, steps: int, output_dir: str):
+    from lib_lora.train.toml_config import load_config
+    from tests.train.fixtures import write_run
+
+    return load_config(write_run(folder, resolution=RESOLUTION, train_batch_size=BATCH, network_dim=RANK,
+                                 network_alpha=RANK, max_train_steps=steps, optimizer_type="AdamW",
+                                 learning_rate=1e-4, output_dir=output_dir, divergence_guard=False))
+
+
 def ours(folder: Path, steps: int) -> dict:
     import time
 
     from lib_lora.train.run import train
-    from lib_lora.train.toml_config import load_config
-    from tests.train.fixtures import tiny_model, write_run
+    from tests.train.fixtures import tiny_model
 
-    cfg = load_config(write_run(folder, resolution=RESOLUTION, train_batch_size=BATCH, network_dim=RANK,
-                                network_alpha=RANK, max_train_steps=steps, optimizer_type="AdamW",
-                                learning_rate=1e-4, output_dir="out-ours", divergence_guard=False))
+    cfg = our_config(folder, steps, "out-ours")
     stamps = []
     train(cfg, model=tiny_model(), listeners=[lambda e: stamps.append(time.perf_counter()) if e.kind == "step"
                                               else None])
@@ -125,8 +131,7 @@ def paired(folder: Path, steps: int, warmup: int = 3) -> dict:
     import time
 
     from lib_lora.train.run import train
-    from lib_lora.train.toml_config import load_config
-    from tests.train.fixtures import tiny_model, write_run
+    from tests.train.fixtures import tiny_model
 
     ref_loop = reference_steps(folder)
     ours_s: list[float] = []
@@ -144,9 +149,7 @@ def paired(folder: Path, steps: int, warmup: int = 3) -> dict:
         ref_s.append(time.perf_counter() - start)
         last[:] = [time.perf_counter()]
 
-    cfg = load_config(write_run(folder, resolution=RESOLUTION, train_batch_size=BATCH, network_dim=RANK,
-                                network_alpha=RANK, max_train_steps=steps + 1, optimizer_type="AdamW",
-                                learning_rate=1e-4, output_dir="out-paired", divergence_guard=False))
+    cfg = our_config(folder, steps + 1, "out-paired")
     train(cfg, model=tiny_model(), listeners=[after_step])
     ours_s, ref_s = ours_s[warmup:], ref_s[1 + warmup:]  # ref_s[i + 1] ran right after ours_s[i]
     ours_s = ours_s[:len(ref_s)]

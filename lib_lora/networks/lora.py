@@ -133,8 +133,7 @@ class LoRAModule(NetworkModule):
         if shared is not None:
             weight = torch.add(w0.reshape(shared.shape), shared, alpha=multiplier)
         else:
-            if self.dora_scale is not None or self.lora_mid is not None or (self.training and (
-                    self.dropout or self.rank_dropout or self.module_dropout or self.dylora_unit)):
+            if self.dora_scale is not None or self.lora_mid is not None or (self.training and self.varies_per_call):
                 return None
             down, up = self.lora_down.weight, self.lora_up.weight
             out_f, in_f, r = w0.shape[0], w0[0].numel(), down.shape[0]
@@ -142,7 +141,7 @@ class LoRAModule(NetworkModule):
                 rows = x.numel() // x.shape[-1]
             else:  # output positions of the conv
                 rows = x.shape[0] * x.shape[-1] * x.shape[-2] // (layer.stride[0] * layer.stride[1])
-            if rows * in_f * out_f + 3 * in_f * out_f * r > 3 * rows * r * (in_f + out_f):
+            if not rebuild_is_cheaper(rows, in_f, out_f, r, build=True):
                 return None
             weight = torch.addmm(w0.reshape(out_f, -1).to(up.dtype), up.reshape(out_f, r), down.reshape(r, -1),
                                  alpha=multiplier * self.scale)
@@ -151,6 +150,11 @@ class LoRAModule(NetworkModule):
         if layer.pointwise and x.device.type == "cpu":
             return pointwise_conv(x, weight, module.bias)
         return layer(x, weight.reshape(w0.shape), module.bias)
+
+    @property
+    def varies_per_call(self) -> bool:
+        """Training draws something at every call (dropouts, DyLoRA's ranks): ΔW is then no single matrix."""
+        return bool(self.dropout or self.rank_dropout or self.module_dropout or self.dylora_unit)
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
         """(down, up, scale) used this step: all ranks, or DyLoRA's random leading block while training."""
@@ -199,6 +203,12 @@ class LoRAModule(NetworkModule):
         return base_out + h * (multiplier * scale)
 
 
+def rebuild_is_cheaper(rows: int, in_f: int, out_f: int, rank: int, *, build: bool) -> bool:
+    """Multiply-adds over the frozen layer, forward + backward: rebuilding costs rows·in·out (the weight gradient)
+    plus, with `build`, 3·in·out·r (making ΔW and its gradients); the low-rank bypass costs 3·rows·r·(in + out)."""
+    return rows * in_f * out_f + (3 * in_f * out_f * rank if build else 0) <= 3 * rows * rank * (in_f + out_f)
+
+
 def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """A 1x1 convolution (stride 1, no padding, one group) of NCHW `x` with `weight` [out, in], as a batched matrix
     product. On the CPU this ran 1.2-2.9x faster than the convolution kernel when the weight needs a gradient
@@ -228,18 +238,16 @@ class DeltaGroup:
 
 def delta_groups(modules: Iterable[NetworkModule], max_elements: int) -> list[DeltaGroup]:
     """Group by shape the plain LoRA modules (no Tucker mid, DoRA, dropouts or DyLoRA) whose weight has at most
-    `max_elements` elements and is cheaper to rebuild than to bypass once ΔW is built (in·out <= 3·r·(in + out),
-    `rebuilt_forward`'s test without the build term, so they rebuild at any input size); groups of one gain
-    nothing and are left out."""
+    `max_elements` elements and is cheaper to rebuild than to bypass once ΔW is built, at any input size
+    (`rebuild_is_cheaper` without the build term); groups of one gain nothing and are left out."""
     by_shape: dict[tuple, list[LoRAModule]] = defaultdict(list)
     for m in modules:
-        if not isinstance(m, LoRAModule) or m.lora_mid is not None or m.dora_scale is not None:
-            continue
-        if m.dropout or m.rank_dropout or m.module_dropout or m.dylora_unit:
+        if not isinstance(m, LoRAModule) or m.lora_mid is not None or m.dora_scale is not None or m.varies_per_call:
             continue
         up, down = m.lora_up.weight, m.lora_down.weight
         out_f, in_f = up.shape[0], down[0].numel()
-        if out_f * in_f <= max_elements and out_f * in_f <= 3 * m.rank * (out_f + in_f):
+        # without the build term the number of rows cancels out: one row decides for every input size
+        if out_f * in_f <= max_elements and rebuild_is_cheaper(1, in_f, out_f, m.rank, build=False):
             by_shape[(out_f, in_f, m.rank, up.dtype, up.device, up.dim())].append(m)
     groups = []
     for (out_f, in_f, rank, dtype, device, _), members in by_shape.items():
