@@ -298,6 +298,11 @@ def _report(s: Session, status: str, final: Path | None) -> str:
             f"resume = '{s.output_dir / (s.cfg.output.output_name + '-state')}')",
             "diverged": f"stopped at step {s.step}: the loss diverged and rollbacks did not help; the file holds the "
             f"last good state (step {s.guard.snapshot.step if s.guard.snapshot else 0})"}[status]
+    streak, guard = s.guard.unconfirmed_steps, s.cfg.guard
+    if status == "finished" and streak:
+        what += (f" (warning: the loss of the last {streak} steps stayed above {guard.guard_spike_factor:g} x the "
+                 f"baseline, fewer than guard_patience = {guard.guard_patience}; look at the samples before using "
+                 "the file)")
     return f"{what}. Output: {final}. {s.guard.report()}"
 
 
