@@ -42,7 +42,10 @@ class Precision:
 
     def __init__(self, mode: str, device: torch.device):
         self.device = device
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
+        # Not on the CPU (`device_notes` says so at the start): bf16 attention there fails on CPUs without
+        # AVX-512 ("pack_vnni2 is only supported when avx512 is supported"), and it saves no memory worth the
+        # precision lost; sd-scripts' GPU figures are what users choose it for.
+        self.dtype = None if device.type == "cpu" else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
         use_scaler = self.dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
@@ -306,11 +309,25 @@ def _report(s: Session, status: str, final: Path | None) -> str:
     return f"{what}. Output: {final}. {s.guard.report()}"
 
 
+def device_notes(s: Session) -> list[str]:
+    """What a GPU setting means on the device the run got."""
+    if s.family.device.type != "cpu":
+        return []
+    notes = []
+    if s.cfg.run.mixed_precision != "no":
+        notes.append(f"mixed_precision = {s.cfg.run.mixed_precision}: training in float32 on the CPU (mixed "
+                     "precision is for GPUs; on CPUs without AVX-512 bf16 attention does not run)")
+    if s.optimizer.entry.bitsandbytes:
+        notes.append(f"{s.optimizer.entry.name} on the CPU: bitsandbytes' CPU kernels run it; its 8-bit states "
+                     "are meant to save GPU memory")
+    return notes
+
+
 def _emit_start(s: Session) -> None:
     from lib_lora.train.network import summarize
 
     counts = ", ".join(f"{k} {v}" for k, v in summarize(s.network).items())
-    notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes)
+    notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes) + device_notes(s)
     config = json.dumps(dataclasses.asdict(s.cfg), default=str, indent=1)
     s.emit(ProgressEvent("start", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch,
                          message=f"training {counts} modules ({s.cfg.network.algo}) on {s.dataset.num_train_images} "
