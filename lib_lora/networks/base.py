@@ -73,6 +73,7 @@ class NetworkModule(nn.Module):
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file suffixes this algorithm reads (besides alpha, dora_scale)
     detect_names: ClassVar[tuple[str, ...]] = ()  # any of these present => this algorithm
     uses_alpha: ClassVar[bool] = True
+    alpha_is_scale: ClassVar[bool] = True  # alpha / rank scales ΔW (OFT stores its constraint under alpha instead)
 
     def __init__(self, name: str):
         super().__init__()
@@ -215,8 +216,10 @@ class NetworkModule(nn.Module):
         override it."""
         return None
 
-    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
-        """Layer output with this change applied, computed beside the frozen weight `w0`."""
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float,
+               b0: Tensor | None = None) -> Tensor:
+        """Layer output with this change applied, computed beside the frozen weight `w0` (and bias `b0`, which
+        algorithms acting on the layer's output rather than adding to it need)."""
         if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
             return base_out
         dw = self.merged(w0, multiplier) - _as_float(w0)

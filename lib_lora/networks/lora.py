@@ -171,11 +171,12 @@ class LoRAModule(NetworkModule):
         up = torch.cat([up[:, : k - unit].detach(), up[:, k - unit : k]], dim=1)
         return down, up, float(self.alpha) / k
 
-    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float,
+               b0: Tensor | None = None) -> Tensor:
         if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
             return base_out
         if self.dora_scale is not None:
-            return super().bypass(x, base_out, layer, w0, multiplier)
+            return super().bypass(x, base_out, layer, w0, multiplier, b0)
         if self.shared_delta is not None:  # every use of ΔW goes through the shared one while it is set
             return base_out + layer(x, (self.shared_delta * multiplier).reshape(w0.shape).to(x.dtype))
         down, up, scale = self._factors(x.dtype)
