@@ -88,6 +88,8 @@ class NetworkModule(nn.Module):
         self.dropout = 0.0
         self.rank_dropout = 0.0
         self.module_dropout = 0.0
+        # training only (LyCORIS bypass_mode): always add the change to the layer's output, never rebuild the weight
+        self.bypass_only = False
 
     def lora_device(self) -> torch.device:
         """Device of the module's tensors (cpu when it has none)."""
@@ -182,6 +184,18 @@ class NetworkModule(nn.Module):
 
     def bias_delta(self) -> Tensor | None:
         return None
+
+    # -- scale_weight_norms (sd-scripts / LyCORIS max-norm regularisation) -------------------------
+
+    has_max_norm: ClassVar[bool] = False  # LyCORIS bounds no norm for IA3 and full
+
+    def max_norm_value(self) -> Tensor:
+        """The norm scale_weight_norms bounds: ‖ΔW‖ (scale included)."""
+        return self.delta(torch.zeros(self.delta_shape(), device=self.lora_device())).norm()
+
+    def scale_change_(self, ratio: float) -> None:
+        """Multiply `max_norm_value` by `ratio` in place (ratio < 1)."""
+        raise NotImplementedError(f"{self.algo} has no max-norm regularisation")
 
 
     def merged(self, w0: Tensor, multiplier: float) -> Tensor:

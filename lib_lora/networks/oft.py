@@ -131,6 +131,16 @@ class OFTModule(NetworkModule):
                                      tuple(self.rescale.shape), "one factor per output row")
         super().check_shape(target_shape)
 
+    has_max_norm = True
+
+    def max_norm_value(self) -> Tensor:
+        """LyCORIS bounds the norm of `oft_blocks` for OFT (not of ΔW)."""
+        return self.blocks.detach().to(torch.float32).norm()
+
+    @torch.no_grad()
+    def scale_change_(self, ratio: float) -> None:
+        self.blocks.mul_(ratio)
+
     # -- math -------------------------------------------------------------------------------------
 
     def rotation_minus_identity(self) -> Tensor:
