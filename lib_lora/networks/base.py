@@ -189,6 +189,7 @@ class NetworkModule(nn.Module):
 
     has_max_norm: ClassVar[bool] = False  # LyCORIS bounds no norm for IA3 and full
 
+    @torch.no_grad()
     def max_norm_value(self) -> Tensor:
         """The norm scale_weight_norms bounds: ‖ΔW‖ (scale included)."""
         return self.delta(torch.zeros(self.delta_shape(), device=self.lora_device())).norm()

@@ -103,6 +103,18 @@ class LoKrModule(NetworkModule):
             return self.lokr_w2_b.shape[0]
         return None
 
+    def delta_shape(self) -> tuple[int, ...]:
+        """[a·b, c·d(, kh, kw)]: with a full 4-dim w2 or Tucker's t2 the kernel is the factors' own."""
+        a = (self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a).shape[0]
+        c = (self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_b).shape[1]
+        if self.lokr_w2 is not None:
+            b, d, *kernel = self.lokr_w2.shape
+        elif self.lokr_t2 is not None:
+            b, d, kernel = self.lokr_w2_a.shape[1], self.lokr_w2_b.shape[1], list(self.lokr_t2.shape[2:])
+        else:
+            b, d, kernel = self.lokr_w2_a.shape[0], self.lokr_w2_b.shape[1], []
+        return (a * b, c * d, *kernel)
+
     has_max_norm = True
 
     @torch.no_grad()
