@@ -44,24 +44,35 @@ ALGO_ARGS: dict[str, AlgoArg] = {
     "block_size": AlgoArg(("dylora",), "LyCORIS' name of DyLoRA's unit"),
     "rank_dropout_scale": AlgoArg(_LORA_TYPES, "LyCORIS rank dropout: rescale the kept ranks by 1 / their share "
                                                "(without it LyCORIS keeps them as they are)"),
-    "use_scalar": AlgoArg((), "LyCORIS: a trained scalar in front of ΔW; not implemented"),
-    "train_norm": AlgoArg((), "LyCORIS: train the normalization layers too; not implemented"),
+    "use_scalar": AlgoArg((), "a trained scalar in front of ΔW (LyCORIS use_scalar) is not implemented"),
+    "train_norm": AlgoArg((), "training the normalization layers too (LyCORIS train_norm) is not implemented"),
 }
 
 
-def check_algorithm_args(algo: str, network_module: str, args: Any) -> None:
-    """Refuse a non-default algorithm-specific argument that the trained algorithm would not use.
+# algorithms whose training applies dropout: LoRA types (sd-scripts and LyCORIS); IA3 has none in LyCORIS either
+_DROPOUT = (*_LORA_TYPES, "ia3")
+
+
+def check_algorithm_args(network: Any) -> None:
+    """Refuse a non-default algorithm-specific argument that the trained algorithm (`network`, a NetworkConfig)
+    would not use.
 
     Raises:
-        ConfigError: naming `network_args.<name>`, the value, and the algorithms it acts on.
+        ConfigError: naming `network_args.<name>` (or the dropout option), the value, and the algorithms it acts on.
     """
+    algo, network_module, args = network.algo, network.network_module, network.network_args
+    dropout = {"network_dropout": network.network_dropout, "network_args.dropout": args.dropout,
+               "network_args.rank_dropout": args.rank_dropout}
+    for name, value in dropout.items():
+        if value and algo not in _DROPOUT:
+            raise ConfigError(name, value, f"neuron/rank dropout is implemented for LoRA-type networks, not {algo}")
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
     for name, spec in ALGO_ARGS.items():
         value = getattr(args, name)
         if value == defaults[name] or (name == "wd_on_output" and not args.dora_wd):
             continue
         if not spec.algorithms:
-            raise ConfigError(f"network_args.{name}", value, f"{spec.meaning}; leave it at {defaults[name]}")
+            raise ConfigError(f"network_args.{name}", value, f"{spec.meaning}; set it to {defaults[name]}")
         if algo not in spec.algorithms:
             raise ConfigError(f"network_args.{name}", value, f"acts on algo {', '.join(spec.algorithms)}, not on "
                                                              f"{algo} ({spec.meaning})")
@@ -75,6 +86,10 @@ def network_notes(network: Any) -> list[str]:
     algo, notes = network.algo, []
     if network.scale_weight_norms is not None and algo in ("ia3", "full"):
         notes.append(f"scale_weight_norms: no effect for {algo} (LyCORIS bounds no norm for it)")
+    dropouts = [n for n, v in (("network_dropout", network.network_dropout), ("dropout", network.network_args.dropout),
+                               ("rank_dropout", network.network_args.rank_dropout)) if v]
+    if algo == "ia3" and dropouts:
+        notes.append(f"{', '.join(dropouts)}: no effect for ia3 (LyCORIS' IA3 applies no dropout)")
     if algo == "diag-oft":
         notes.append(f"network_alpha = {network.network_alpha:g}: no effect for diag-oft (OFT has no scale; the "
                      f"file's alpha holds the constraint, here {network.network_args.constraint:g})")

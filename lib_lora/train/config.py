@@ -139,7 +139,7 @@ class NetworkConfig:
         if self.network_module != "lycoris.kohya" and self.network_args.algo is not None:
             raise ConfigError("algo", self.network_args.algo, "is a lycoris.kohya option; set network_module = "
                               "'lycoris.kohya' or drop algo")
-        check_algorithm_args(self.algo, self.network_module, self.network_args)
+        check_algorithm_args(self)
 
     @property
     def algo(self) -> str:

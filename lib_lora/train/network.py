@@ -85,7 +85,7 @@ def plan_modules(cfg: NetworkConfig, targets: ModelTargets) -> list[ModulePlan]:
     if algo not in BUILDS:
         raise ConfigError("algo", algo, f"cannot train it; known: {', '.join(BUILDS)}")
     args = cfg.network_args
-    if BUILDS[algo][0] != "lora" and (args.dropout or args.rank_dropout or cfg.network_dropout):
+    if BUILDS[algo][0] not in ("lora", "ia3") and (args.dropout or args.rank_dropout or cfg.network_dropout):
         raise ConfigError("network_dropout", args.dropout or args.rank_dropout or cfg.network_dropout,
                           f"neuron/rank dropout is implemented for LoRA-type networks, not {algo}")
     unet_roles, te_roles, linear_only = _selected_roles(cfg)

@@ -68,6 +68,8 @@ def test_the_guis_defaults_are_accepted_for_every_algorithm(algo):
     (["algo=lora", "use_scalar=True"], "network_args.use_scalar", "not implemented"),
     (["algo=lora", "train_norm=True"], "network_args.train_norm", "not implemented"),
     (["algo=diag-oft", "constraint=-1"], "constraint", ">= 0"),
+    (["algo=loha", "dropout=0.1"], "network_args.dropout", "LoRA-type"),
+    (["algo=diag-oft", "rank_dropout=0.1"], "network_args.rank_dropout", "LoRA-type"),
 ])
 def test_a_value_the_algorithm_would_not_use_is_refused_by_name(args, field, says):
     with pytest.raises(ConfigError) as info:
@@ -262,6 +264,14 @@ def test_notes_say_which_options_do_nothing(tmp_path):
     ia3 = load_config(write_run(tmp_path, network_module="lycoris.kohya", network_args=["algo=ia3"],
                                 scale_weight_norms=1.0))
     assert any(n.startswith("scale_weight_norms: no effect for ia3") for n in ia3.notes)
+    # sd-scripts hands network_dropout to LyCORIS, whose IA3 applies none (the kohya_ss GUI's IA3 preset sets it)
+    ia3 = load_config(write_run(tmp_path, network_module="lycoris.kohya", network_args=["algo=ia3"],
+                                network_dropout=0.3))
+    assert any(n.startswith("network_dropout: no effect for ia3") for n in ia3.notes)
+    with pytest.raises(ConfigError) as info:
+        load_config(write_run(tmp_path, network_module="lycoris.kohya", network_args=["algo=lokr"],
+                              network_dropout=0.3))
+    assert info.value.field == "network_dropout"
     oft = load_config(write_run(tmp_path, network_module="lycoris.kohya", network_args=["algo=diag-oft"],
                                 network_alpha=16))
     assert any("network_alpha = 16: no effect for diag-oft" in n for n in oft.notes)
