@@ -156,3 +156,12 @@ def test_butterfly_oft_and_bad_shapes_are_refused_by_name():
     net = load_network({"lora_unet_x.oft_blocks": torch.zeros(4, 4, 4)}, arch=Arch.SD1)
     with pytest.raises(ShapeMismatchError, match="output rows"):
         net.modules["lora_unet_x"].check_shape(torch.Size((24, 8)))
+
+
+def test_sd_scripts_oft_file_names_load_as_the_same_modules():
+    blocks = torch.randn(4, 6, 6) * 0.1
+    net = load_network({"oft_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": blocks,
+                        "oft_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)})
+    module = net.modules["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert isinstance(module, OFTModule) and module.constraint == 1.0 and net.unmatched_keys == []
+    assert net.arch is Arch.SD1 and net.spelling == "kohya-oft"

@@ -8,7 +8,10 @@ File format (LyCORIS, and what A1111's built-in Lora reads):
   c · (output size), as A1111 does it (`(min(‖Q‖, c·out) + 1e-8) / (‖Q‖ + 1e-8)`; LyCORIS' own clamp differs from
   it by that 1e-8 only);
 - `rescale` [out, 1(, 1, 1)], optional (rescaled OFT): a learned factor per output row;
-- old LyCORIS files store R itself as `oft_diag` [n, s, s] (no Cayley transform, no constraint).
+- old LyCORIS files store R itself as `oft_diag` [n, s, s] (no Cayley transform, no constraint);
+- sd-scripts' `networks.oft` writes the same tensors under `oft_unet_*` module names (`keys.parse_file_key` reads
+  them); its network_dim is the number of blocks and its alpha the constraint (sd-scripts clamps even at alpha 0,
+  A1111 and we treat 0 as unconstrained).
 
 The weight becomes W' = rescale · blockdiag(R)ᵀ W (rows of W taken s at a time; A1111's
 `einsum("k n m, k n ... -> k m ...", R, W)`), the bias is left alone, and a multiplier m interpolates linearly:
