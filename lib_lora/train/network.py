@@ -61,7 +61,9 @@ def _selected_roles(cfg: NetworkConfig) -> tuple[tuple[str, ...], tuple[str, ...
     if cfg.network_module == "lycoris.kohya":
         unet, te, linear_only = LYCORIS_PRESET_ROLES[cfg.network_args.preset or "full"]
     else:
-        unet = ("attn", "resnet", "sampler") if cfg.network_args.conv_dim is not None else ("attn",)
+        # sd-scripts: conv_dim or conv_block_dims adds the ResNet and sampler layers
+        convs = cfg.network_args.conv_dim is not None or cfg.blockwise.conv_block_dims is not None
+        unet = ("attn", "resnet", "sampler") if convs else ("attn",)
         te, linear_only = TE_ROLES, False
     if not cfg.train_unet:
         unet = ()
@@ -104,11 +106,12 @@ def plan_modules(cfg: NetworkConfig, targets: ModelTargets) -> list[ModulePlan]:
         block = blocks.block_of(t.name, arch)
         is_kxk = any(k > 1 for k in t.kernel_size)
         if is_kxk:
-            if args.conv_dim is None:
-                continue
-            rank, alpha = args.conv_dim, cfg.conv_alpha
             if block in conv_dims:
                 rank, alpha = conv_dims[block].dim, conv_dims[block].alpha
+            elif args.conv_dim is None:
+                continue
+            else:
+                rank, alpha = args.conv_dim, cfg.conv_alpha
         else:
             rank, alpha = cfg.network_dim, cfg.alpha
             if block in dims and not is_te:

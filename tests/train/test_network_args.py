@@ -18,6 +18,7 @@ from lib_lora.keys import Target
 from lib_lora.networks import load_network
 from lib_lora.networks.lokr import factorization
 from lib_lora.patching import Application, WeightPatcher
+from lib_lora.train.blockwise import BlockwiseConfig
 from lib_lora.train.config import NetworkArgs, NetworkConfig
 from lib_lora.train.network import TrainableNetwork, _check_bypass_possible
 from lib_lora.train.run import train
@@ -49,7 +50,8 @@ def _network(args: str | list[str], **options) -> NetworkConfig:
     items = args.split() if isinstance(args, str) else args
     parsed = parse_network_args(items)
     return NetworkConfig(network_module=options.pop("network_module", "lycoris.kohya"),
-                         network_args=NetworkArgs(**parsed["args"]), **options)
+                         network_args=NetworkArgs(**parsed["args"]), blockwise=BlockwiseConfig(**parsed["blockwise"]),
+                         **options)
 
 
 @pytest.mark.parametrize("algo", GUI_ARGS)
@@ -275,3 +277,16 @@ def test_notes_say_which_options_do_nothing(tmp_path):
     oft = load_config(write_run(tmp_path, network_module="lycoris.kohya", network_args=["algo=diag-oft"],
                                 network_alpha=16))
     assert any("network_alpha = 16: no effect for diag-oft" in n for n in oft.notes)
+
+
+def test_conv_block_dims_alone_train_the_convolutions_as_sd_scripts_does(tiny):
+    """sd-scripts' block-wise example: block_dims, block_alphas and conv_block_dims, no conv_dim; the 3x3 convs get
+    conv_block_dims ranks and alpha 1.0 (conv_block_alphas unset), the rest block_dims / block_alphas."""
+    dims = ",".join(str(2 + (i % 3) * 2) for i in range(25))
+    net = _built(tiny, [f"block_dims={dims}", f"block_alphas={dims}", f"conv_block_dims={dims}"],
+                 network_module="networks.lora", network_dim=16, network_alpha=8)
+    convs = _kxk(net)
+    assert convs and {float(m.alpha) for m in convs} == {1.0}
+    assert {m.rank for m in convs} == {2, 4, 6}
+    unet_linear = [m for n, m in net.nets.items() if n.startswith("lora_unet_") and m not in convs]
+    assert all(float(m.alpha) == m.rank for m in unet_linear)
