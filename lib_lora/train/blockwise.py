@@ -143,8 +143,9 @@ def dims_by_block(network: NetworkConfig, arch: Arch, *, conv: bool = False) -> 
     if dims is None and lrs is None:
         return None
     default_dim = network.network_args.conv_dim if conv else network.network_dim
-    # conv_block_dims without conv_dim/conv_alpha/conv_block_alphas: alpha 1.0, as sd-scripts' rule
-    default_alpha = (network.conv_alpha or 1.0) if conv else network.alpha
+    # conv: conv_alpha as given, 1.0 when unset (sd-scripts, also with conv_block_dims and no conv_dim); 0 = dim below
+    conv_alpha = network.network_args.conv_alpha
+    default_alpha = (1.0 if conv_alpha is None else conv_alpha) if conv else network.alpha
     if dims is None and default_dim is None:
         return None  # no conv modules at all
     ids = list(lrs) if lrs is not None else list(_block_values(dims, arch, "block_dims"))

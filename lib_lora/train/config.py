@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lib_lora.errors import ConfigError
 from lib_lora.train import optimizers, schedulers
+from lib_lora.train.algo_args import check_algorithm_args
 
 # Also re-exported for importers of `train.config`: the checks, coercion and block-wise section live beside it.
 from lib_lora.train.blockwise import LR_WEIGHT_PRESETS, BlockwiseConfig, LrWeight  # noqa: F401
@@ -31,7 +32,7 @@ SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "
 # network_module -> algorithm; lycoris.kohya takes its algorithm from network_args `algo`.
 NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.lora_fa": "lora_fa",
                    "networks.loha": "loha", "networks.lokr": "lokr", "lycoris.kohya": None}
-LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full")
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "diag-oft")
 LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only")
 LOG_WITH = ("tensorboard", "none")
 
@@ -82,6 +83,11 @@ class NetworkArgs:
     train_norm: bool = False
     preset: str | None = None
     unit: int | None = None
+    block_size: int | None = None  # LyCORIS' name of DyLoRA's unit
+    constraint: float = 0.0  # OFT
+    rescaled: bool = False  # OFT
+    train_on_input: bool = False  # IA3
+    bypass_mode: bool = False  # apply the network as a forward-time addition everywhere (False: the engine picks)
 
     def __post_init__(self) -> None:
         check_positive("conv_dim", self.conv_dim)
@@ -94,6 +100,8 @@ class NetworkArgs:
             check_choice("preset", self.preset, LYCORIS_PRESETS)
         check(self.factor == -1 or self.factor >= 1, "factor", self.factor, "must be -1 (automatic) or >= 1")
         check_positive("unit", self.unit)
+        check_positive("block_size", self.block_size)
+        check_positive("constraint", self.constraint, allow_zero=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,10 +139,11 @@ class NetworkConfig:
         if self.network_module != "lycoris.kohya" and self.network_args.algo is not None:
             raise ConfigError("algo", self.network_args.algo, "is a lycoris.kohya option; set network_module = "
                               "'lycoris.kohya' or drop algo")
+        check_algorithm_args(self)
 
     @property
     def algo(self) -> str:
-        """The algorithm trained: lora, locon, loha, lokr, ia3, dylora, lora_fa or full."""
+        """The algorithm trained: lora, locon, loha, lokr, ia3, dylora, lora_fa, full or diag-oft."""
         algo = NETWORK_MODULES[self.network_module] or self.network_args.algo or "lora"
         if algo == "lora" and self.network_args.conv_dim is not None:
             return "locon"

@@ -282,10 +282,7 @@ def _save_state(s: Session, folder: Path) -> Path:
 
 
 def _runtime(s: Session) -> dict[str, object]:
-    # ss_network_dim is the configured dim, as sd-scripts and LyCORIS write it (LoHa, IA3, block dims and conv
-    # dims make per-module ranks that differ from it); with dim_from_weights the dim comes from the weights.
-    net = s.cfg.network
-    dim = s.network.ranks()[0] if net.dim_from_weights else net.network_dim
+    dim = s.network.ranks()[0]
     return {"ss_session_id": s.session_id, "ss_steps": s.step, "ss_epoch": s.sampler.epoch - (s.sampler.position == 0),
             "ss_num_epochs": math.ceil(s.total_steps / max(1, s.sampler.batches_per_epoch)),
             "ss_max_train_steps": s.total_steps, "ss_optimizer": s.optimizer.ss_optimizer, "ss_seed": s.seed,
@@ -335,10 +332,6 @@ def _emit_start(s: Session) -> None:
 
     counts = ", ".join(f"{k} {v}" for k, v in summarize(s.network).items())
     notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes) + device_notes(s)
-    skipped = s.network.max_norm_skipped() if s.cfg.network.scale_weight_norms else []
-    if skipped:
-        notes.append(f"scale_weight_norms: not applied to {', '.join(skipped)} modules (their ΔW is not a product "
-                     "of factors that can be scaled; LyCORIS skips them too)")
     config = json.dumps(dataclasses.asdict(s.cfg), default=str, indent=1)
     s.emit(ProgressEvent("start", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch,
                          message=f"training {counts} modules ({s.cfg.network.algo}) on {s.dataset.num_train_images} "

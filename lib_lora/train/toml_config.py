@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora.errors import ConfigError, FileFormatError
+from lib_lora.train import algo_args, gui_keys
 from lib_lora.train import config as tc
-from lib_lora.train import gui_keys
 
 # dims_by_block, lr_weights_by_block and BlockRank are re-exported: they were defined here before `blockwise`.
 from lib_lora.train.blockwise import BlockRank, BlockwiseConfig, dims_by_block, lr_weights_by_block  # noqa: F401
@@ -304,13 +304,16 @@ def parse_network_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, di
     "dora_wd=True", "down_lr_weight=sine+0.5", "block_dims=2,4,...")."""
     types = {**field_types(NetworkArgs), **field_types(BlockwiseConfig), **{k: float | None for k in LORA_PLUS}}
     out: dict[str, dict[str, Any]] = {"args": {}, "blockwise": {}, "loraplus": {}, "raw": {}}
-    for key, value in _key_values(items, "network_args"):
+    for written, value in _key_values(items, "network_args"):
+        key = algo_args.ALIASES.get(written, written)
         if key not in types:
             raise ConfigError(f"network_args.{key}", value, f"unknown network argument{suggest(key, types)}")
         typed = coerce(value, types[key], name=f"network_args.{key}")
+        if key == "use_tucker":  # LyCORIS ORs it with its old names (the GUI writes use_tucker and use_cp for LoKr)
+            typed = typed or out["args"].get(key, False)
         part = "loraplus" if key in LORA_PLUS else "blockwise" if key in field_types(BlockwiseConfig) else "args"
         out[part][key] = typed
-        out["raw"][key] = value if isinstance(value, str) else str(value)
+        out["raw"][written] = value if isinstance(value, str) else str(value)
     return out
 
 
@@ -409,6 +412,7 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
     kwargs["optimizer"]["optimizer_args"] = optimizer_args
     kwargs["data"]["datasets"] = datasets
     sections = {name: cls(**kwargs[name]) for name, cls in SECTIONS.items()}
+    notes.extend(algo_args.network_notes(sections["network"]))
     return TrainConfig(**sections, notes=tuple(notes), source=source)
 
 
