@@ -108,10 +108,14 @@ def plan_modules(cfg: NetworkConfig, targets: ModelTargets) -> list[ModulePlan]:
         if is_kxk:
             if block in conv_dims:
                 rank, alpha = conv_dims[block].dim, conv_dims[block].alpha
-            elif args.conv_dim is None:
-                continue
-            else:
+            elif args.conv_dim is not None:
                 rank, alpha = args.conv_dim, cfg.conv_alpha
+            elif cfg.network_module == "lycoris.kohya":
+                # LyCORIS: conv_dim / conv_alpha default to network_dim / network_alpha, so its presets that
+                # include ResNet layers train their k x k convolutions without a conv_dim
+                rank, alpha = cfg.network_dim, cfg.alpha
+            else:
+                continue
         else:
             rank, alpha = cfg.network_dim, cfg.alpha
             if block in dims and not is_te:

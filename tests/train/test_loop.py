@@ -337,3 +337,13 @@ def test_scale_weight_norms_bounds_every_factorised_module(tmp_path, kind):
     assert max(norms) <= bound * 1.001, max(norms)
     assert all(e.data["max_norm"]["max_key_norm"] <= bound * 1.001 for e in seen)
     assert seen[-1].data["max_norm"]["keys_scaled"] > 0
+
+
+def test_lycoris_trains_kxk_convs_at_network_dim_without_conv_dim(tmp_path):
+    # LyCORIS' kohya front end: conv_dim and conv_alpha default to network_dim and network_alpha
+    cfg = load_config(_setup(tmp_path, max_train_steps=1, train_batch_size=1, network_module="lycoris.kohya",
+                             network_dim=4, network_alpha=2, network_args=["algo=locon", "preset=full"]))
+    tensors = load_file(train(cfg, model=tiny_model()).final_file).tensors
+    kxk = [k for k, v in tensors.items() if k.endswith("lora_down.weight") and v.dim() == 4 and v.shape[-1] == 3]
+    assert kxk and all(tensors[k].shape[0] == 4 for k in kxk)
+    assert all(float(tensors[k.replace("lora_down.weight", "alpha")]) == 2.0 for k in kxk)
