@@ -157,9 +157,21 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         return load_file(path, device)
     if not os.path.exists(path):
         raise FileFormatError(path, "file not found")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return load_file(path, device)  # a safetensors file under a pickle name: read it safely as what it is
+    # torch.save writes a zip archive; older files are a bare pickle (protocol 2+ starts with 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        other = _sniff_other_format(path, head)
+        raise FileFormatError(path, "not a PyTorch checkpoint (neither a torch zip archive nor a pickle)"
+                              + (f": it looks like {other}" if other else f"; it starts with bytes {head[:4].hex()}"))
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load's refusal comes in several exception types
+        if "weights only" not in str(exc).lower() and "unsupported global" not in str(exc).lower():
+            raise FileFormatError(path, f"damaged or truncated PyTorch file ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         raise FileFormatError(
             path,
             "refusing to unpickle this file: it holds objects other than tensors, and unpickling can run "

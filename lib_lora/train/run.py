@@ -22,22 +22,17 @@ from lib_lora.train.metadata import ModelFacts
 from lib_lora.train.sample_prompts import SamplePrompt, map_sampler
 from lib_lora.types import Arch
 
-EMBEDDED = "embedded"
-
 
 def load_base_model(cfg: TrainConfig, device: torch.device) -> SDModel:
-    """The model named by `pretrained_model_name_or_path` ('embedded' or unset: the shipped tiny model)."""
-    path = cfg.model.pretrained_model_name_or_path
+    """The model named by `pretrained_model_name_or_path`: 'embedded' or unset (the shipped tiny model), a
+    diffusers folder, or a single-file checkpoint."""
+    from lib_lora.sd.loading import load_model
+
     dtype = torch.float16 if device.type == "cuda" and cfg.run.mixed_precision in ("fp16", "bf16") else torch.float32
-    if path is None or str(path) == EMBEDDED:
-        from lib_lora.sd.embedded import load_embedded
-
-        return load_embedded(device, dtype)
-    from lib_lora.sd.checkpoint import load_checkpoint
-
     arch = Arch.SDXL if cfg.model.sdxl else (Arch.SD2 if cfg.model.v2 else None)
     prediction = "v_prediction" if cfg.model.v_parameterization else None
-    return load_checkpoint(path, arch=arch, prediction_type=prediction, device=device, dtype=dtype)
+    return load_model(cfg.model.pretrained_model_name_or_path, device=device, dtype=dtype, arch=arch,
+                      prediction_type=prediction)
 
 
 def model_facts(model: SDModel) -> ModelFacts:
