@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lib_lora.errors import WriteError
+from lib_lora.io import remove_stale_temporaries
 from lib_lora.train import checkpoint
 from lib_lora.train.events import ProgressEvent
 from lib_lora.train.guard import Verdict
@@ -93,6 +95,11 @@ def run(s: Session) -> TrainResult:
     params = [p for g in s.optimizer.optimizer.param_groups for p in g["params"]]
     precision = Precision(cfg.run.mixed_precision, s.family.device)
     meter, accum = Meter(), cfg.run.gradient_accumulation_steps
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(s.output_dir)
+    if removed:
+        s.emit(ProgressEvent("warning", message=f"removed {len(removed)} unfinished file(s) of an interrupted save: "
+                                                f"{', '.join(p.name for p in removed)}"))
     s.network.attach()
     s.network.train()
     s.family.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
@@ -255,6 +262,27 @@ def _save(s: Session, stem: str, kind: str, keep: int | None, keep_state: int | 
     """Write `<stem>.safetensors` (+ `<stem>-state/` when saving state); keep-last-N per kind."""
     if not s.dist.is_main:
         return None
+    try:
+        return _write(s, stem, kind, keep, keep_state, state)
+    except WriteError as exc:
+        raise WriteError(exc.path, f"{exc.reason}; {_what_is_kept(s)}") from exc
+
+
+def _what_is_kept(s: Session) -> str:
+    files = [p for kind, paths in s.saves.saved.items() if not kind.endswith("-state") for p in paths]
+    states = [p for kind, paths in s.saves.saved.items() if kind.endswith("-state") for p in paths]
+    kept = f"the last file written is {max(files, key=_mtime)}" if files else "no file of this run was written yet"
+    if states:
+        kept += f"; resume from {max(states, key=_mtime)}"
+    return kept + " (free some space, or set save_every_n_steps and save_state, and run again)"
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def _write(s: Session, stem: str, kind: str, keep: int | None, keep_state: int | None,
+           state: bool | None) -> Path:
     with _eval_mode(s):
         dtype = SAVE_DTYPES.get(s.cfg.output.save_precision, torch.float32)
         tensors = s.network.file_tensors(dtype)

@@ -20,10 +20,13 @@ class TensorBoardLogger:
         except ImportError as exc:
             self.unavailable = f"TensorBoard logging is off: {exc} (pip install tensorboard)"
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.folder))
+        self._writer_class = SummaryWriter
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "start" and self.writer is None and self.unavailable is None:
+            # made only once the run starts: a run refused before its first step leaves no folder behind
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.writer = self._writer_class(str(self.folder))
         w = self.writer
         if w is None:
             return

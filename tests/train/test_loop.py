@@ -347,3 +347,65 @@ def test_lycoris_trains_kxk_convs_at_network_dim_without_conv_dim(tmp_path):
     kxk = [k for k, v in tensors.items() if k.endswith("lora_down.weight") and v.dim() == 4 and v.shape[-1] == 3]
     assert kxk and all(tensors[k].shape[0] == 4 for k in kxk)
     assert all(float(tensors[k.replace("lora_down.weight", "alpha")]) == 2.0 for k in kxk)
+
+
+def test_disk_full_while_saving_is_one_clear_error_and_loses_nothing(tmp_path, monkeypatch):
+    from lib_lora.errors import WriteError
+    from lib_lora.io import safetensors_io
+
+    real, calls = safetensors_io.st_save_file, []
+
+    def fill_the_disk(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 1:
+            return real(tensors, path, metadata=metadata)
+        with open(path, "wb") as f:  # what a full disk leaves: a partial file, then the error
+            f.write(b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io, "st_save_file", fill_the_disk)
+    cfg = load_config(_setup(tmp_path, max_train_steps=6, save_every_n_steps=2, train_batch_size=1))
+    with pytest.raises(WriteError) as err:
+        train(cfg, model=tiny_model())
+    message = str(err.value)
+    assert "no space left on device" in message and "tiny-step00000004.safetensors" in message
+    assert "the last file written is" in message and "tiny-step00000002.safetensors" in message
+    assert "\n" not in message
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-step00000002.safetensors"]  # no temporaries left
+    assert load_file(out / "tiny-step00000002.safetensors").metadata["ss_steps"] == "2"
+
+
+def test_a_killed_save_leaves_temporaries_the_next_run_removes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / ".tiny.safetensors.99999999-x1y2.tmp"  # no such process: its writer is gone
+    dead.write_bytes(b"partial")
+    old_dir = out / ".tiny-state.99999999-abcd.tmp"
+    old_dir.mkdir()
+    cfg = load_config(_setup(tmp_path, max_train_steps=1, train_batch_size=1))
+    events, listen = _events({"warning"})
+    train(cfg, model=tiny_model(), listeners=[listen])
+    assert not dead.exists() and not old_dir.exists()
+    assert any("interrupted save" in e.message for e in events)
+
+
+def test_a_refused_run_leaves_no_folder(tmp_path):
+    cfg = load_config(_setup(tmp_path, output_dir="new/out", logging_dir="new/logs"))
+    (tmp_path / "train" / "5_sks" / "img0.png").write_bytes(b"not an image")
+    with pytest.raises(LibLoraError):
+        train(cfg, model=tiny_model())
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_without_seed_resumes_by_its_own_instruction(tmp_path):
+    cfg = load_config(_setup(tmp_path, max_train_steps=4, train_batch_size=1, seed=None))
+    assert cfg.run.seed is None
+    events, listen = _events({"step"})
+    first = train(cfg, model=tiny_model(), listeners=[listen], should_stop=lambda: len(events) >= 2)
+    assert first.status == "stopped"
+    state = first.report.split("resume = '")[1].split("'")[0]  # the instruction the run printed
+    second = train(load_config(tmp_path / "run.toml", overrides=["--resume", state]), model=tiny_model())
+    assert second.status == "finished" and second.steps == 4
+    seeds = {load_file(f).metadata["ss_seed"] for f in (first.final_file, second.final_file)}
+    assert len(seeds) == 1
