@@ -30,12 +30,12 @@ def tag_frequencies(dataset: ImageDataset, dataset_index: int | None = None) -> 
     for sub in dataset.subsets:
         if dataset_index is not None and sub.dataset_index != dataset_index:
             continue
-        name = sub.config.image_dir.name
+        name = sub.config.name
         if name in seen_in and seen_in[name] != sub.dataset_index:
             continue  # sd-scripts keeps a directory used by several datasets only once
         seen_in[name] = sub.dataset_index
         merged = out.setdefault(name, {})
-        for tag, count in tag_frequency(sub.captions).items():
+        for tag, count in tag_frequency(sub.tag_texts or sub.captions).items():
             merged[tag] = merged.get(tag, 0) + count
     return out
 
@@ -45,7 +45,7 @@ def dataset_dirs(dataset: ImageDataset, *, reg: bool = False) -> dict[str, dict[
     out: dict[str, dict[str, int]] = {}
     for sub in dataset.subsets:
         if sub.config.is_reg == reg:
-            out[_unique(sub.config.image_dir.name, out)] = {"n_repeats": sub.config.num_repeats,
+            out[_unique(sub.config.name, out)] = {"n_repeats": sub.config.num_repeats,
                                                            "img_count": sub.img_count}
     return out
 
@@ -55,14 +55,22 @@ def bucket_info(group: DatasetGroup) -> dict[str, Any] | None:
     return group.buckets.to_ss_dict() if group.config.enable_bucket else None
 
 
-def _subset_entry(sub: SubsetSummary) -> dict[str, Any]:
+def _subset_entry(sub: SubsetSummary, is_dreambooth: bool) -> dict[str, Any]:
     c = sub.config
-    return {"img_count": sub.img_count, "num_repeats": c.num_repeats, "color_aug": c.color_aug,
-            "flip_aug": c.flip_aug, "random_crop": c.random_crop, "shuffle_caption": c.shuffle_caption,
-            "keep_tokens": c.keep_tokens, "keep_tokens_separator": c.keep_tokens_separator,
-            "secondary_separator": None, "enable_wildcard": False, "caption_prefix": c.caption_prefix,
-            "caption_suffix": c.caption_suffix, "resize_interpolation": c.resize_interpolation,
-            "image_dir": c.image_dir.name, "class_tokens": c.class_tokens, "is_reg": c.is_reg}
+    entry: dict[str, Any] = {
+        "img_count": sub.img_count, "num_repeats": c.num_repeats, "color_aug": c.color_aug,
+        "flip_aug": c.flip_aug, "random_crop": c.random_crop, "shuffle_caption": c.shuffle_caption,
+        "keep_tokens": c.keep_tokens, "keep_tokens_separator": c.keep_tokens_separator,
+        "secondary_separator": c.secondary_separator, "enable_wildcard": c.enable_wildcard,
+        "caption_prefix": c.caption_prefix, "caption_suffix": c.caption_suffix,
+        "resize_interpolation": c.resize_interpolation}
+    if c.image_dir is not None:
+        entry["image_dir"] = c.image_dir.name
+    if is_dreambooth:
+        entry.update(class_tokens=c.class_tokens, is_reg=c.is_reg)
+    else:
+        entry["metadata_file"] = c.metadata_file.name if c.metadata_file is not None else None
+    return entry
 
 
 def datasets_entries(dataset: ImageDataset) -> list[dict[str, Any]]:
@@ -70,15 +78,17 @@ def datasets_entries(dataset: ImageDataset) -> list[dict[str, Any]]:
     entries = []
     for group in dataset.groups:
         cfg = group.config
+        # sd-scripts: a dataset whose subsets all have a metadata_file is a fine-tuning dataset
+        is_dreambooth = any(s.metadata_file is None for s in cfg.subsets)
         entries.append({
-            "is_dreambooth": True, "batch_size_per_device": cfg.batch_size,
+            "is_dreambooth": is_dreambooth, "batch_size_per_device": cfg.batch_size,
             "num_train_images": group.num_train_images, "num_reg_images": group.num_reg_images,
             "resolution": list(cfg.resolution), "enable_bucket": cfg.enable_bucket,
             "min_bucket_reso": cfg.min_bucket_reso if cfg.enable_bucket else None,
             "max_bucket_reso": cfg.max_bucket_reso if cfg.enable_bucket else None,
             "tag_frequency": tag_frequencies(dataset, group.index), "bucket_info": bucket_info(group),
             "resize_interpolation": None,
-            "subsets": [_subset_entry(s) for s in dataset.subsets if s.dataset_index == group.index],
+            "subsets": [_subset_entry(s, is_dreambooth) for s in dataset.subsets if s.dataset_index == group.index],
         })
     return entries
 
