@@ -93,14 +93,15 @@ class ImageDataset:
     @property
     def num_batches_per_epoch(self) -> int:
         """Batches in one epoch over all datasets (every bucket's last batch may be partial)."""
-        total = 0
-        for group in self.groups:
-            counts: dict[Size, int] = {}
-            for idx, reps in zip(group.items, group.repeats):
-                reso = self.items[idx].placement.bucket_reso
-                counts[reso] = counts.get(reso, 0) + reps
-            total += sum(math.ceil(n / group.config.batch_size) for n in counts.values())
-        return total
+        return sum(self.group_batches(group) for group in self.groups)
+
+    def group_batches(self, group: DatasetGroup) -> int:
+        """Batches of one dataset in one epoch."""
+        counts: dict[Size, int] = {}
+        for idx, reps in zip(group.items, group.repeats):
+            reso = self.items[idx].placement.bucket_reso
+            counts[reso] = counts.get(reso, 0) + reps
+        return sum(math.ceil(n / group.config.batch_size) for n in counts.values())
 
     @property
     def fingerprint(self) -> str:
