@@ -97,6 +97,14 @@ def resolve_image_key(key: str, image_dir: Path | None) -> Path | None:
     return None
 
 
+def _missing(key: str, image_dir: Path | None) -> str:
+    if Path(key).is_absolute():
+        return "no such image"
+    if image_dir is None:
+        return "a relative key needs image_dir (train_data_dir with in_json)"
+    return f"no such image in {image_dir}"
+
+
 def metadata_images(sub: SubsetConfig) -> tuple[list[MetadataImage], list[Problem]]:
     """The images a fine-tuning subset lists (sorted by path), and every problem found (unreadable file, bad
     entries, images that do not exist)."""
@@ -120,9 +128,7 @@ def metadata_images(sub: SubsetConfig) -> tuple[list[MetadataImage], list[Proble
             continue
         path = resolve_image_key(key, sub.image_dir)
         if path is None:
-            where = "a relative key needs image_dir" if sub.image_dir is None and not Path(key).is_absolute() \
-                else f"no such image{'' if Path(key).is_absolute() else f' in {sub.image_dir}'}"
-            problems.append(Problem(str(file), f"entry {key!r}: {where}"))
+            problems.append(Problem(str(file), f"entry {key!r}: {_missing(key, sub.image_dir)}"))
         elif path in images:
             problems.append(Problem(str(file), f"entry {key!r}: {path.name} is listed twice"))
         else:

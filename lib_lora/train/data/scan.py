@@ -8,7 +8,7 @@ problem is collected so that one error lists them all.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,10 +101,10 @@ def _caption(sub: SubsetConfig, entry: Listed, scan: Scan) -> tuple[str, bool] |
 
 
 def _check_subset(sub: SubsetConfig, listed: list[Listed], masks: MaskFolder | None, scan: Scan,
-                  tick: ProgressCallback) -> list[Found]:
+                  tick: Callable[[Path], None]) -> list[Found]:
     found: list[Found] = []
     for entry in listed:
-        tick(DataProgress("checking images", 0, 0, str(entry.path)))
+        tick(entry.path)
         try:
             size = probe_image(entry.path)
         except FileFormatError as exc:
@@ -162,10 +162,10 @@ def scan_datasets(datasets: Sequence[DatasetConfig], split: str, seed: int,
             todo.append(((i, j), sub, chosen, masks))
     total, done = sum(len(t[2]) for t in todo), [0]
 
-    def tick(p: DataProgress) -> None:
+    def tick(path: Path) -> None:
         done[0] += 1
         if progress is not None:
-            progress(DataProgress(p.stage, done[0], total, p.path))
+            progress(DataProgress("checking images", done[0], total, str(path)))
 
     for key, sub, chosen, masks in todo:
         scan.images[key] = _check_subset(sub, chosen, masks, scan, tick)
