@@ -32,8 +32,7 @@ from lib_lora.train.data.config import DataConfig, DatasetOptions, SubsetOptions
 from lib_lora.train.data.dataset_config import (
     DATASET_NO_EFFECT,
     DATASET_UNSUPPORTED,
-    datasets_from_folders,
-    datasets_from_metadata,
+    datasets_from_run,
     resolve_datasets,
     suggest,
 )
@@ -360,21 +359,14 @@ def _datasets(opts: dict[str, Any], dataset_doc: Mapping[str, Any] | None, datas
         fallback["batch_size"] = opts["train_batch_size"]
     if "dataset_repeats" in opts:  # sd-scripts: the run's num_repeats for subsets that set none
         fallback["num_repeats"] = opts["dataset_repeats"]
-    if dataset_doc is not None:
+    if dataset_doc is None:
+        datasets, extra = datasets_from_run(opts, fallback=fallback)
+    else:
         if opts.get("train_data_dir") or opts.get("reg_data_dir") or opts.get("in_json"):
             notes.append("train_data_dir / reg_data_dir / in_json ignored: the dataset config is used (as in "
                          "sd-scripts)")
         datasets, extra = resolve_datasets(dataset_doc, base_dir=dataset_base or Path.cwd(), fallback=fallback,
                                            source=source)
-    elif opts.get("in_json") is not None:
-        if opts.get("reg_data_dir"):
-            notes.append("reg_data_dir ignored: in_json (fine-tuning metadata) has no regularisation images")
-        datasets, extra = datasets_from_metadata(opts["in_json"], opts.get("train_data_dir"), fallback=fallback)
-    elif opts.get("train_data_dir") is not None:
-        datasets, extra = datasets_from_folders(opts["train_data_dir"], opts.get("reg_data_dir"), fallback=fallback)
-    else:
-        raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders) or "
-                          "dataset_config (a dataset TOML)")
     notes.extend(extra)
     notes.extend(dict.fromkeys(note for ds in datasets for note in ds.adjustments))
     return datasets

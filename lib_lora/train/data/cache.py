@@ -25,9 +25,9 @@ import torch
 from lib_lora.errors import FileFormatError
 from lib_lora.io import load_file, read_metadata, save_file
 from lib_lora.io.hashes import sha256_file
-from lib_lora.train.data.dataset import DataProgress, ImageDataset, ProgressCallback
+from lib_lora.train.data.dataset import ImageDataset
 from lib_lora.train.data.images import Augment
-from lib_lora.train.data.records import ImageItem, Size
+from lib_lora.train.data.records import DataProgress, ImageItem, ProgressCallback, Size
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
 EncodeCaptions = Callable[[list[str]], Any]  # a (B, ...) tensor or a dict of them

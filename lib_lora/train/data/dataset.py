@@ -25,17 +25,8 @@ from lib_lora.train.data.buckets import BucketPlanner, BucketReport, bucket_repo
 from lib_lora.train.data.captions import process_caption
 from lib_lora.train.data.config import DataConfig, DatasetConfig, SubsetConfig
 from lib_lora.train.data.images import Augment, PreparedImage, prepare_image
-from lib_lora.train.data.records import (  # noqa: F401  (DataProgress, ProgressCallback: re-exported)
-    Batch,
-    BatchPlan,
-    DataProgress,
-    DatasetError,
-    ImageItem,
-    Problem,
-    ProgressCallback,
-    Size,
-)
-from lib_lora.train.data.scan import Scan, scan_datasets, split_for_validation  # noqa: F401  (re-exported)
+from lib_lora.train.data.records import Batch, BatchPlan, DatasetError, ImageItem, Problem, ProgressCallback, Size
+from lib_lora.train.data.scan import Scan, scan_datasets
 
 if TYPE_CHECKING:
     from lib_lora.train.data.cache import LatentCache, TextEncoderCache

@@ -168,6 +168,21 @@ def datasets_from_metadata(in_json: Path, train_data_dir: Path | None, *,
     return (_run_options_dataset([subset], fallback, "in_json"),), []
 
 
+def datasets_from_run(opts: Mapping[str, Any], *,
+                      fallback: Mapping[str, Any]) -> tuple[tuple[DatasetConfig, ...], list[str]]:
+    """Datasets from run options without a dataset TOML: `in_json` (fine-tuning metadata) or `train_data_dir`
+    (kohya folders, with `reg_data_dir`)."""
+    if opts.get("in_json") is not None:
+        datasets, notes = datasets_from_metadata(opts["in_json"], opts.get("train_data_dir"), fallback=fallback)
+        if opts.get("reg_data_dir"):
+            notes.append("reg_data_dir ignored: in_json (fine-tuning metadata) has no regularisation images")
+        return datasets, notes
+    if opts.get("train_data_dir") is not None:
+        return datasets_from_folders(opts["train_data_dir"], opts.get("reg_data_dir"), fallback=fallback)
+    raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders), in_json (with "
+                      "train_data_dir) or dataset_config (a dataset TOML)")
+
+
 def validation_datasets(folder: Path, *, fallback: Mapping[str, Any]) -> tuple[DatasetConfig, ...]:
     """Datasets for a separate validation folder: its own images (repeats 1), or its kohya sub-folders."""
     if not list_images(folder):
