@@ -169,6 +169,12 @@ class NetworkModule(nn.Module):
         raise ShapeMismatchError(self.source or "network", self.lora_name, tuple(target_shape), tuple(produced),
                                  detail or f"{self.algo} change does not fit the model's weight")
 
+    def product_factors(self) -> list[Tensor] | None:
+        """The tensors whose product (matrix, Kronecker or Hadamard) is ΔW / scale, so that scaling each by
+        ratio^(1/n) scales ΔW by ratio (sd-scripts' and LyCORIS' max-norm regularisation). None when ΔW is not
+        such a product (IA3, DoRA, full)."""
+        return None
+
     def delta_shape(self) -> tuple[int, ...] | None:
         """Shape of ΔW this module produces (None when it follows the weight, e.g. IA3)."""
         return None

@@ -63,6 +63,10 @@ class LoHaModule(NetworkModule):
         module.alpha = torch.tensor(float(alpha or rank))
         return module
 
+    def product_factors(self) -> list[Tensor] | None:
+        # ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b), Tucker cores included: multilinear in every tensor present
+        return [t for t in (getattr(self, k) for k in self.tensor_names) if t is not None]
+
     @property
     def rank(self) -> int:
         return self.hada_w1_b.shape[0]

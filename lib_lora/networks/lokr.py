@@ -60,19 +60,43 @@ class LoKrModule(NetworkModule):
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *, factor: int = -1,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoKrModule:
-        """Trainable LoKr as LyCORIS builds it: w1 full [a, c], w2 low rank with w2_a = 0 (ΔW starts at 0)."""
+               decompose_both: bool = False, use_tucker: bool = False, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32) -> LoKrModule:
+        """Trainable LoKr with LyCORIS' shape rules, ΔW = 0 at the start (the output-side factor is 0).
+
+        W [a·b, c·d(, kh, kw)] = kron(w1 [a, c], w2 [b, d(, kh, kw)]). w1 is full unless `decompose_both` and
+        rank < max(a, c) / 2 (then w1_a @ w1_b). w2 is low rank unless rank >= max(b, d) / 2: then it is full,
+        which is how LyCORIS users ask for a full second factor (network_dim = 100000 in kohya_ss presets) without
+        allocating a rank-100000 pair. With both factors full the scale is 1. `use_tucker` (LyCORIS `use_cp`)
+        keeps a [r, r, kh, kw] core for convolutions with a kernel larger than 1x1.
+        """
         a, b = factorization(shape[0], factor)
         c, d = factorization(shape[1], factor)
-        kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
-        t = {
-            "lokr_w1": torch.randn(a, c, generator=generator, dtype=dtype) * 0.1,
-            "lokr_w2_a": torch.zeros(b, rank, dtype=dtype),
-            "lokr_w2_b": torch.randn(rank, d * kernel, generator=generator, dtype=dtype) * 0.1,
-        }
+        kernel = tuple(shape[2:])
+        k = math.prod(kernel) if kernel else 1
+
+        def rand(*size: int) -> Tensor:
+            return torch.randn(*size, generator=generator, dtype=dtype) * 0.1
+
+        t: dict[str, Tensor] = {}
+        if decompose_both and rank < max(a, c) / 2:
+            t.update(lokr_w1_a=rand(a, rank), lokr_w1_b=rand(rank, c))
+        else:
+            t["lokr_w1"] = rand(a, c)
+        if rank >= max(b, d) / 2:
+            t["lokr_w2"] = torch.zeros(b, d, *kernel, dtype=dtype)
+        elif use_tucker and k > 1:
+            t.update(lokr_t2=rand(rank, rank, *kernel), lokr_w2_a=torch.zeros(rank, b, dtype=dtype),
+                     lokr_w2_b=rand(rank, d))
+        else:
+            t.update(lokr_w2_a=torch.zeros(b, rank, dtype=dtype), lokr_w2_b=rand(rank, d * k))
         module = cls(name, t, trainable=True)
-        module.alpha = torch.tensor(float(alpha or rank))
+        module.alpha = torch.tensor(float(rank if "lokr_w1" in t and "lokr_w2" in t else alpha or rank))
         return module
+
+    def product_factors(self) -> list[Tensor] | None:
+        # ΔW = kron(w1, w2), each factor full, low rank or Tucker: multilinear in every tensor present
+        return [t for t in (getattr(self, k) for k in self.tensor_names) if t is not None]
 
     @property
     def rank(self) -> int | None:

@@ -84,6 +84,12 @@ class LoRAModule(NetworkModule):
     def rank(self) -> int:
         return self.lora_down.weight.shape[0]
 
+    def product_factors(self) -> list[Tensor] | None:
+        if self.dora_scale is not None:  # ΔW renormalises each row: not a product of the factors
+            return None
+        mid = [self.lora_mid.weight] if self.lora_mid is not None else []
+        return [self.lora_up.weight, *mid, self.lora_down.weight]
+
     def delta_shape(self) -> tuple[int, ...]:
         down, up = self.lora_down.weight, self.lora_up.weight
         if self.lora_mid is not None:

@@ -143,7 +143,8 @@ def dims_by_block(network: NetworkConfig, arch: Arch, *, conv: bool = False) -> 
     if dims is None and lrs is None:
         return None
     default_dim = network.network_args.conv_dim if conv else network.network_dim
-    default_alpha = network.conv_alpha if conv else network.alpha
+    # conv_block_dims without conv_dim/conv_alpha/conv_block_alphas: alpha 1.0, as sd-scripts' rule
+    default_alpha = (network.conv_alpha or 1.0) if conv else network.alpha
     if dims is None and default_dim is None:
         return None  # no conv modules at all
     ids = list(lrs) if lrs is not None else list(_block_values(dims, arch, "block_dims"))

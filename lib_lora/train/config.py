@@ -450,7 +450,7 @@ class TrainConfig:
 
     def ss_metadata(self) -> dict[str, str]:
         """sd-scripts' training-parameter `ss_*` values of this config (strings, as sd-scripts writes them)."""
-        from lib_lora.train.toml_config import training_metadata
+        from lib_lora.train.metadata import training_metadata
 
         return training_metadata(self)
 

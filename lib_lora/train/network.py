@@ -7,8 +7,8 @@ Block-wise dims and lr weights use the block ids of `blocks.py`.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,7 +154,7 @@ class TrainableNetwork(nn.Module):
             w0 = t.param.detach()
             kwargs["dora_weight"] = w0 if t.rows is None else w0[t.rows[0] : t.rows[1]]
         if algo == "lokr":
-            kwargs["factor"] = args.factor
+            kwargs.update(factor=args.factor, decompose_both=args.decompose_both, use_tucker=args.use_tucker)
         module = cls.create(t.name, t.shape, rank, plan.alpha, **kwargs)
         if initial is not None and t.name in initial.modules:
             _copy_weights(module, initial.modules[t.name])
@@ -242,29 +242,37 @@ class TrainableNetwork(nn.Module):
         return out
 
     def ranks(self) -> tuple[int, float]:
-        """(most common rank, its alpha) for metadata."""
-        first = next(iter(self.plans.values()))
-        return first.rank, first.alpha
+        """(most common rank, its most common alpha) over the modules."""
+        counts = collections.Counter((getattr(self.nets[name], "rank", None) or p.rank, p.alpha)
+                                     for name, p in self.plans.items())
+        return counts.most_common(1)[0][0]
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> MaxNormReport:
-        """sd-scripts' scale_weight_norms: shrink any module whose ||ΔW|| exceeds max_norm (LoRA modules)."""
+        """sd-scripts' scale_weight_norms: shrink any module whose ||ΔW|| exceeds max_norm, by scaling each of
+        the tensors ΔW is a product of (LoRA/LoCon up, down, mid; LoHa and LoKr factors, as LyCORIS does).
+        Modules whose ΔW is no such product (IA3, DoRA) are left alone; `max_norm_skipped` names them."""
         scaled, norms = 0, []
-        for module in self.nets.values():
-            if not hasattr(module, "lora_up"):
+        for name, module in self.nets.items():
+            factors = module.product_factors()
+            if factors is None:
                 continue
-            w0 = torch.zeros(module.delta_shape())
-            norm = module.delta(w0).norm()
+            norm = module.delta(torch.zeros(self.plans[name].target.shape, device=factors[0].device)).norm()
             desired = torch.clamp(norm, max=max_norm)
             ratio = float(desired / norm.clamp(min=max_norm / 2))
             if ratio < 1.0:
-                root = math.sqrt(ratio)
-                module.lora_up.weight.mul_(root)
-                module.lora_down.weight.mul_(root)
+                root = ratio ** (1.0 / len(factors))
+                for factor in factors:
+                    factor.mul_(root)
                 scaled += 1
             norms.append(float(norm) * min(ratio, 1.0))
         mean = sum(norms) / len(norms) if norms else 0.0
         return MaxNormReport(scaled, mean, max(norms, default=0.0))
+
+    def max_norm_skipped(self) -> list[str]:
+        """Algorithms present whose modules scale_weight_norms cannot scale."""
+        return sorted({type(m).__name__.removesuffix("Module") for m in self.nets.values()
+                       if m.product_factors() is None})
 
 
 @dataclass(frozen=True)

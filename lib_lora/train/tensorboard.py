@@ -37,6 +37,8 @@ class TensorBoardLogger:
                 w.add_scalar("loss/average", event.smoothed, event.step)
             for name, lr in event.lrs.items():
                 w.add_scalar(f"lr/{name}", lr, event.step)
+            for name, value in event.data.get("max_norm", {}).items():  # sd-scripts' tags
+                w.add_scalar(f"max_norm/{name}", value, event.step)
         elif event.kind == "validation" and event.val_loss is not None:
             w.add_scalar("loss/validation", event.val_loss, event.step)
         elif event.kind == "rollback":

@@ -143,6 +143,12 @@ NETWORKS = {
     "locon": ({"network_args": ["conv_dim=4", "conv_alpha=2"]}, "locon"),
     "loha": ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "preset=attn-mlp"]}, "loha"),
     "lokr": ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=4"]}, "lokr"),
+    # LyCORIS' way to ask for a full second factor (kohya_ss presets): must not allocate rank-100000 pairs
+    "lokr_full": ({"network_module": "lycoris.kohya", "network_dim": 100000, "network_alpha": 1,
+                   "network_args": ["algo=lokr", "conv_dim=100000", "conv_alpha=1"]}, "lokr"),
+    "lokr_decomposed": ({"network_module": "lycoris.kohya", "network_dim": 2,
+                         "network_args": ["algo=lokr", "factor=4", "decompose_both=True", "conv_dim=2",
+                                          "use_tucker=True"]}, "lokr"),
     "dora": ({"network_module": "lycoris.kohya", "network_args": ["algo=lora", "dora_wd=True"]}, "dora"),
     "ia3": ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"], "learning_rate": 1e-2}, "ia3"),
     "lora_fa": ({"network_module": "networks.lora_fa"}, "lora"),
@@ -159,9 +165,24 @@ def test_every_network_kind_trains_and_loads(tmp_path, kind):
     assert result.status == "finished"
     net = load_network(result.final_file)
     assert net.algorithms() == [algo] and net.unmatched_keys == []
+    # the configured dim, as sd-scripts writes it (per-module ranks differ for LoHa, IA3, full LoKr factors)
+    assert load_file(result.final_file).metadata["ss_network_dim"] == str(options.get("network_dim", 4))
     changed = [m for m in net.modules.values() if m.delta(torch.zeros(m.delta_shape())).abs().sum() > 0] \
         if algo == "lora" else list(net.modules)
     assert changed, "two steps must move the network away from its zero start"
+
+
+def test_lokr_factor_shapes_follow_lycoris_rules(tmp_path):
+    from lib_lora.networks.lokr import LoKrModule
+
+    full = LoKrModule.create("x", torch.Size([64, 32]), 100000, 1.0)  # 64 = 8x8, 32 = 4x8: full w2 [8, 8]
+    assert full.lokr_w2.shape == (8, 8) and full.lokr_w2_a is None and full.rank is None and full.scale == 1.0
+    low = LoKrModule.create("x", torch.Size([64, 32]), 2, 1.0)
+    assert low.lokr_w2_a.shape == (8, 2) and low.lokr_w2_b.shape == (2, 8) and low.scale == 0.5
+    both = LoKrModule.create("x", torch.Size([64, 64, 3, 3]), 1, 1.0, decompose_both=True, use_tucker=True)
+    assert both.lokr_w1_a.shape == (8, 1) and both.lokr_t2.shape == (1, 1, 3, 3)
+    for m, shape in ((full, (64, 32)), (low, (64, 32)), (both, (64, 64, 3, 3))):  # ΔW starts at zero
+        assert m.delta(torch.zeros(shape)).abs().max() == 0
 
 
 def test_unet_only_and_block_lr(tmp_path):
@@ -296,3 +317,23 @@ def test_batched_deltas_train_the_same_network_as_module_by_module(tmp_path, mon
         elif key.endswith("lora_up.weight"):  # zero at the start: the steps moved it well past the tolerance
             moved += int(expected[key].abs().max() > 1e-4)
     assert moved > len(expected) // 6, moved  # of the ~260 modules (3 tensors each), most moved
+
+
+@pytest.mark.parametrize("kind", ["locon", "loha", "lokr"])
+def test_scale_weight_norms_bounds_every_factorised_module(tmp_path, kind):
+    """Each module's ||ΔW|| stays at or under the bound after every step, whatever the factorisation."""
+    from lib_lora.sd.lora_generate import model_targets
+
+    options, _ = NETWORKS[kind]
+    bound = 1e-3
+    cfg = load_config(_setup(tmp_path, max_train_steps=2, train_batch_size=1, learning_rate=1e-2,
+                             scale_weight_norms=bound, **options))
+    seen = []
+    model = tiny_model()
+    result = train(cfg, model=model, listeners=[lambda e: seen.append(e) if e.kind == "step" else None])
+    targets = model_targets(model)
+    norms = [float(m.delta(torch.zeros(targets[name].shape)).norm()) for name, m in load_network(
+        result.final_file).modules.items()]
+    assert max(norms) <= bound * 1.001, max(norms)
+    assert all(e.data["max_norm"]["max_key_norm"] <= bound * 1.001 for e in seen)
+    assert seen[-1].data["max_norm"]["keys_scaled"] > 0
