@@ -448,9 +448,7 @@ class TrainConfig:
             # The cache holds encodings of the frozen encoder; a trained encoder would make them stale.
             check(self.network.network_train_unet_only, "cache_text_encoder_outputs", True,
                   "needs network_train_unet_only = true (a text encoder being trained changes its outputs)")
-        if self.loss.masked_loss:
-            check(any(s.alpha_mask for s in self.data.subsets), "masked_loss", True,
-                  "needs alpha_mask = true on at least one subset (the mask is the image's alpha channel)")
+        self.data.check_masks(self.loss.masked_loss)
         entry = optimizers.get_entry(self.optimizer.optimizer_type)
         if entry.schedule_free:
             check(self.optimizer.lr_scheduler == "constant", "lr_scheduler", self.optimizer.lr_scheduler,

@@ -31,7 +31,7 @@ from lib_lora.train.data.config import DataConfig, DatasetOptions, SubsetOptions
 from lib_lora.train.data.dataset_config import (
     DATASET_NO_EFFECT,
     DATASET_UNSUPPORTED,
-    datasets_from_folders,
+    datasets_from_run,
     resolve_datasets,
     suggest,
 )
@@ -79,7 +79,6 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "fp8_base": (bool, False, "fp8 base weights are not implemented"),
     "fp8_base_unet": (bool, False, "fp8 base weights are not implemented"),
     "fused_backward_pass": (bool, False, "fused backward passes are not implemented"),
-    "in_json": (str | None, None, "fine-tuning metadata JSON is not supported: use image folders with captions"),
     "weighted_captions": (bool, False, "weighted captions are not implemented"),
     "lr_scheduler_type": (str, "", "custom scheduler classes are not supported; see lr_scheduler"),
     "lr_scheduler_args": (tuple[str, ...] | None, None, "custom scheduler arguments are not supported"),
@@ -100,7 +99,8 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "dataset_class": (str | None, None, "custom dataset classes are not supported"),
     "save_n_epoch_ratio": (int | None, None, "use save_every_n_epochs"),
     "text_encoder_batch_size": (int | None, None, "text-encoder outputs are cached with a fixed batch size"),
-    "dataset_repeats": (int, 1, "fine-tuning datasets are not supported (repeats come from folder names)"),
+    "conditioning_data_dir": (str | None, None, "a run-level conditioning_data_dir is ControlNet training data; for "
+                              "masked loss, give a mask folder per subset in a dataset TOML"),
     **{k: (Any, default, reason) for k, (default, reason) in DATASET_UNSUPPORTED.items()},
 }
 ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
@@ -359,16 +359,16 @@ def _datasets(opts: dict[str, Any], dataset_doc: Mapping[str, Any] | None, datas
     fallback = {k: v for k, v in opts.items() if OPTIONS[k].section == "dataset"}
     if "train_batch_size" in opts:
         fallback["batch_size"] = opts["train_batch_size"]
-    if dataset_doc is not None:
-        if opts.get("train_data_dir") or opts.get("reg_data_dir"):
-            notes.append("train_data_dir / reg_data_dir ignored: the dataset config is used (as in sd-scripts)")
+    if "dataset_repeats" in opts:  # sd-scripts: the run's num_repeats for subsets that set none
+        fallback["num_repeats"] = opts["dataset_repeats"]
+    if dataset_doc is None:
+        datasets, extra = datasets_from_run(opts, fallback=fallback)
+    else:
+        if opts.get("train_data_dir") or opts.get("reg_data_dir") or opts.get("in_json"):
+            notes.append("train_data_dir / reg_data_dir / in_json ignored: the dataset config is used (as in "
+                         "sd-scripts)")
         datasets, extra = resolve_datasets(dataset_doc, base_dir=dataset_base or Path.cwd(), fallback=fallback,
                                            source=source)
-    elif opts.get("train_data_dir") is not None:
-        datasets, extra = datasets_from_folders(opts["train_data_dir"], opts.get("reg_data_dir"), fallback=fallback)
-    else:
-        raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders) or "
-                          "dataset_config (a dataset TOML)")
     notes.extend(extra)
     notes.extend(dict.fromkeys(note for ds in datasets for note in ds.adjustments))
     return datasets
