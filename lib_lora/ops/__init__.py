@@ -1,0 +1,1 @@
+"""LoRA tools: resize, merge LoRAs (more in progress)."""

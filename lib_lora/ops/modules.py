@@ -1,0 +1,107 @@
+"""Network modules as the tools see them: ΔW as a low-rank product where it is one, else as a matrix.
+
+A plain LoRA/LoCon module is ΔW = up @ down · scale with up [out, r] and down [r, in·kh·kw]: the tools work on
+those factors and never build ΔW. Any other module (LoHa, LoKr, Tucker LoCon, full) is read as its ΔW, which
+needs the weight's shape: from the module when its tensors carry the kernel, else from the model's weights
+when given, else from the U-Net's layer names (3x3 convolutions are the ResNet convs, samplers and
+conv_in/conv_out; proj_in/proj_out are 1x1 convs in SD1 and linear in SD2/SDXL; shortcuts are 1x1).
+IA3 and DoRA change the weight depending on its values, so they have no ΔW without the model.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lib_lora.errors import ConfigError
+from lib_lora.keys import kohya_to_path
+from lib_lora.networks import NetworkModule
+from lib_lora.networks.full import FullModule
+from lib_lora.networks.lora import LoRAModule
+from lib_lora.types import Arch, Component
+
+_CONV3_LEAVES = ("conv1", "conv2", "conv", "op", "in_layers.2", "out_layers.3")
+_CONV3_TOP = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
+_CONV1_LEAVES = ("conv_shortcut", "skip_connection")
+
+
+@dataclass
+class ModuleDelta:
+    """ΔW of one module (scale included, multiplier not): factors when it is a plain low-rank product."""
+
+    name: str
+    shape: tuple[int, ...]
+    module: NetworkModule
+    up: Tensor | None = None  # [out, r] float32
+    down: Tensor | None = None  # [r, in·kh·kw] float32
+    scale: float = 1.0
+
+    @property
+    def factored(self) -> bool:
+        return self.up is not None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else self.down.shape[0]
+
+    @property
+    def spatial(self) -> bool:
+        return len(self.shape) == 4 and tuple(self.shape[2:]) != (1, 1)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def matrix(self, device: torch.device | str = "cpu") -> Tensor:
+        """ΔW as [out, in·kh·kw] float32."""
+        if self.factored:
+            return (self.up.to(device) @ self.down.to(device)) * self.scale
+        w0 = torch.zeros(1, device=device).expand(*self.shape)
+        return self.module.to(device).delta(w0).reshape(self.matrix_shape).to(torch.float32)
+
+
+def named_shape(name: str, out_f: int, inner: int, arch: Arch) -> tuple[int, ...]:
+    """A weight shape from a U-Net layer name when only (out, in·kh·kw) is known (see the module docstring)."""
+    comp, path = kohya_to_path(name)
+    if comp is not Component.UNET:
+        return (out_f, inner)
+    if (path in _CONV3_TOP or path.endswith(tuple("." + leaf for leaf in _CONV3_LEAVES))) and inner % 9 == 0:
+        return (out_f, inner // 9, 3, 3)
+    if path.endswith(tuple("." + leaf for leaf in _CONV1_LEAVES)):
+        return (out_f, inner, 1, 1)
+    if arch is Arch.SD1 and path.endswith((".proj_in", ".proj_out")):
+        return (out_f, inner, 1, 1)
+    return (out_f, inner)
+
+
+def weight_shape(name: str, module: NetworkModule, arch: Arch,
+                 known: Mapping[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
+    if known and name in known:
+        return tuple(known[name])
+    if isinstance(module, FullModule):
+        return tuple(module.diff.shape)
+    produced = module.delta_shape()
+    if produced is None:
+        raise ConfigError("input", name, f"a {module.algo} module changes the weight by its values: this needs "
+                                         "the model (base checkpoint)")
+    if len(produced) == 4 or (isinstance(module, LoRAModule) and module.lora_down.weight.dim() == 2):
+        return tuple(produced)
+    return named_shape(name, produced[0], math.prod(produced[1:]), arch)
+
+
+def module_delta(name: str, module: NetworkModule, arch: Arch,
+                 known: Mapping[str, tuple[int, ...]] | None = None) -> ModuleDelta:
+    """The module as a ΔW (factors for plain LoRA). DoRA and IA3 are refused: their change needs W0."""
+    if module.dora_scale is not None or module.algo == "ia3":
+        what = "DoRA" if module.dora_scale is not None else "IA3"
+        raise ConfigError("input", name, f"a {what} module's change depends on the model's weights; give the base "
+                                         "model (convert with --model) to turn it into plain LoRA")
+    shape = weight_shape(name, module, arch, known)
+    if isinstance(module, LoRAModule) and module.lora_mid is None:
+        up = module.lora_up.weight.detach().flatten(1).to(torch.float32)
+        down = module.lora_down.weight.detach().flatten(1).to(torch.float32)
+        return ModuleDelta(name, shape, module, up, down, module.scale)
+    return ModuleDelta(name, shape, module)
