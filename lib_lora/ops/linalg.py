@@ -32,20 +32,20 @@ class RankRule:
     param: the dynamic method's parameter.
     """
 
-    rank: int = 32
+    rank: int | None = 32
     conv_rank: int | None = None
     method: str = "fixed"
     param: float | None = None
 
     def __post_init__(self):
         for field, value in (("rank", self.rank), ("conv_rank", self.conv_rank)):
-            if value is None and field == "conv_rank":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(field, value, "must be a whole number >= 1")
         if self.method not in METHODS:
             raise ConfigError("method", self.method, f"must be one of {', '.join(METHODS)}")
         if self.method == "fixed":
+            if self.rank is None:
+                raise ConfigError("rank", None, "a fixed rank needs a number (None is only for dynamic methods)")
             if self.param is not None:
                 raise ConfigError("param", self.param, "only the dynamic methods take a parameter")
             return
@@ -61,12 +61,16 @@ class RankRule:
         return self.method != "fixed"
 
     def cap(self, kernel_is_spatial: bool) -> int:
-        return (self.conv_rank or self.rank) if kernel_is_spatial else self.rank
+        """The most ranks a module may keep (no cap: a dynamic method without `rank`)."""
+        value = (self.conv_rank or self.rank) if kernel_is_spatial else self.rank
+        return value if value is not None else 1 << 30
 
     def describe(self) -> str:
         conv = f", conv {self.conv_rank}" if self.conv_rank and self.conv_rank != self.rank else ""
         if self.dynamic:
-            return f"{self.method} {self.param:g} (at most rank {self.rank}{conv})"
+            cap = f" (at most rank {self.rank}{conv})" if self.rank else (f" (conv at most {self.conv_rank})"
+                                                                         if self.conv_rank else "")
+            return f"{self.method} {self.param:g}{cap}"
         return f"rank {self.rank}{conv}"
 
 
@@ -84,8 +88,12 @@ def _clamp_index(index: int, full_len: int) -> int:
     return max(1, min(index, full_len - 1))
 
 
-def choose_rank(s: Tensor, rule: RankRule, cap: int, full_len: int) -> int:
-    """The rank sd-scripts' `rank_resize` picks from singular values `s` (descending, unscaled)."""
+def choose_rank(s: Tensor, rule: RankRule, cap: int, full_len: int, total_sq: float | None = None) -> int:
+    """The rank sd-scripts' `rank_resize` picks from singular values `s` (descending, unscaled).
+
+    `s` may be the leading singular values only (a truncated SVD) when `total_sq` gives ||A||² (for sv_fro):
+    sv_ratio and sv_fro then decide exactly as with all of them, because any rank beyond `len(s)` is capped.
+    """
     s = s.to(torch.float64)
     if rule.method == "sv_ratio":
         index = _clamp_index(int((s > s[0] / rule.param).sum()), full_len)
@@ -95,7 +103,7 @@ def choose_rank(s: Tensor, rule: RankRule, cap: int, full_len: int) -> int:
         new = _clamp_index(int(torch.searchsorted(cumulative, rule.param)) + 1, full_len) + 1
     elif rule.method == "sv_fro":
         squares = s.pow(2)
-        cumulative = torch.cumsum(squares, 0) / squares.sum()
+        cumulative = torch.cumsum(squares, 0) / (squares.sum() if total_sq is None else total_sq)
         new = _clamp_index(int(torch.searchsorted(cumulative, rule.param ** 2)) + 1, full_len) + 1
     else:
         new = cap
@@ -104,14 +112,17 @@ def choose_rank(s: Tensor, rule: RankRule, cap: int, full_len: int) -> int:
     return min(new, cap)
 
 
-def kept(s: Tensor, rank: int) -> RankChoice:
+def kept(s: Tensor, rank: int, total_sq: float | None = None, complete: bool = True) -> RankChoice:
+    """Figures of keeping `rank` of `s`; with a truncated `s` (`complete` False) the Frobenius total comes from
+    `total_sq` and the sum of all singular values is unknown (NaN)."""
     s = s.to(torch.float64).abs()
-    total, squares = float(s.sum()), s.pow(2)
-    fro = math.sqrt(float(squares.sum()))
+    squares = s.pow(2)
+    fro = math.sqrt(float(squares.sum()) if total_sq is None else total_sq)
+    total = float(s.sum()) if complete else math.nan
     last = float(s[rank - 1]) if rank <= len(s) else 0.0
     return RankChoice(
         rank,
-        float(s[:rank].sum()) / total if total > 0 else 1.0,
+        float(s[:rank].sum()) / total if total > 0 else (math.nan if not complete else 1.0),
         math.sqrt(float(squares[:rank].sum())) / fro if fro > 0 else 1.0,
         float(s[0]) / last if last > 0 else math.inf,
     )
@@ -183,3 +194,28 @@ def truncate(svd: SVD, rule: RankRule, spatial: bool, full_len: int, limit: int 
     rank = min(rank, len(svd.s), limit or rank)
     up, down = svd.factors(rank)
     return up.to(torch.float32), down.to(torch.float32), kept(svd.s, rank)
+
+
+SVD_MODES = ("auto", "full", "lowrank")
+
+
+def decompose(matrix: Tensor, rule: RankRule, spatial: bool, limit: int | None = None, mode: str = "auto"
+              ) -> tuple[Tensor, Tensor, RankChoice, str]:
+    """(up, down, choice, 'full'|'lowrank') approximating `matrix` [m, n] by the ranks `rule` keeps.
+
+    'auto' takes the randomized SVD of the leading ranks when they are at most a quarter of min(m, n), and the
+    full SVD otherwise or for sv_cumulative, which needs the sum of every singular value.
+    """
+    m, n = matrix.shape
+    full_len = min(m, n)
+    cap = min(rule.cap(spatial), limit or full_len, full_len)
+    full = mode == "full" or rule.method == "sv_cumulative" or (mode == "auto" and 4 * cap > full_len)
+    if full:
+        svd, total_sq = full_svd(matrix), None
+    else:
+        svd = lowrank_svd(matrix, cap)
+        total_sq = float(matrix.to(torch.float64).pow(2).sum())
+    rank = min(choose_rank(svd.s, rule, cap, full_len, total_sq), len(svd.s))
+    up, down = svd.factors(rank)
+    return (up.to(torch.float32), down.to(torch.float32), kept(svd.s, rank, total_sq, complete=full),
+            "full" if full else "lowrank")

@@ -20,6 +20,7 @@ from lib_lora.errors import ConfigError
 from lib_lora.keys import kohya_to_path
 from lib_lora.networks import NetworkModule
 from lib_lora.networks.full import FullModule
+from lib_lora.networks.lokr import LoKrModule
 from lib_lora.networks.lora import LoRAModule
 from lib_lora.types import Arch, Component
 
@@ -38,6 +39,7 @@ class ModuleDelta:
     up: Tensor | None = None  # [out, r] float32
     down: Tensor | None = None  # [r, in·kh·kw] float32
     scale: float = 1.0
+    dense: Tensor | None = None  # ΔW [out, in·kh·kw] already computed (e.g. from the model's weights)
 
     @property
     def factored(self) -> bool:
@@ -57,6 +59,8 @@ class ModuleDelta:
 
     def matrix(self, device: torch.device | str = "cpu") -> Tensor:
         """ΔW as [out, in·kh·kw] float32."""
+        if self.dense is not None:
+            return self.dense.to(device)
         if self.factored:
             return (self.up.to(device) @ self.down.to(device)) * self.scale
         w0 = torch.zeros(1, device=device).expand(*self.shape)
@@ -77,13 +81,25 @@ def named_shape(name: str, out_f: int, inner: int, arch: Arch) -> tuple[int, ...
     return (out_f, inner)
 
 
+def _lokr_shape(module: LoKrModule) -> tuple[int, ...]:
+    """kron(w1, w2)'s shape: [a·b, c·d(, kh, kw)], each factor full or a product of two."""
+    a, c = (module.lokr_w1.shape if module.lokr_w1 is not None
+            else (module.lokr_w1_a.shape[0], module.lokr_w1_b.shape[1]))
+    if module.lokr_w2 is not None:
+        w2 = tuple(module.lokr_w2.shape)
+        return (a * w2[0], c * w2[1], *w2[2:])
+    if module.lokr_t2 is not None:  # Tucker: t2 [r, r, kh, kw], w2_a [r, b], w2_b [r, d]
+        return (a * module.lokr_w2_a.shape[1], c * module.lokr_w2_b.shape[1], *module.lokr_t2.shape[2:])
+    return (a * module.lokr_w2_a.shape[0], c * module.lokr_w2_b.shape[1])
+
+
 def weight_shape(name: str, module: NetworkModule, arch: Arch,
                  known: Mapping[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
     if known and name in known:
         return tuple(known[name])
     if isinstance(module, FullModule):
         return tuple(module.diff.shape)
-    produced = module.delta_shape()
+    produced = _lokr_shape(module) if isinstance(module, LoKrModule) else module.delta_shape()
     if produced is None:
         raise ConfigError("input", name, f"a {module.algo} module changes the weight by its values: this needs "
                                          "the model (base checkpoint)")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lib_lora import __version__
-from lib_lora.io import addnet_hash, precalculate_hashes, save_file
+from lib_lora.io import addnet_hash, model_hash, precalculate_hashes, save_file
 
 OPERATION_KEY = "lora_studio.operation"
 RANKS_KEY = "lora_studio.ranks"  # {module: [rank, Frobenius fraction of ΔW kept]}
@@ -31,17 +31,23 @@ MERGE_KEEPS = ("ss_v2", "ss_base_model_version", "ss_sd_model_name", "ss_new_sd_
 
 @dataclass(frozen=True)
 class Source:
-    """An input file as the metadata records it."""
+    """An input file as the metadata records it: its name and a hash (a LoRA's sshs_model_hash, the data's
+    sha256; a checkpoint's old A1111 model hash, which reads 64 KiB instead of gigabytes)."""
 
     path: str
-    sshs_model_hash: str
+    hash: str
+    hash_kind: str = "sshs_model_hash"
 
     @classmethod
     def of(cls, path: str | os.PathLike) -> Source:
         return cls(str(path), addnet_hash(path))
 
+    @classmethod
+    def model(cls, path: str | os.PathLike) -> Source:
+        return cls(str(path), model_hash(path), "model_hash")
+
     def as_dict(self) -> dict[str, str]:
-        return {"name": Path(self.path).name, "sshs_model_hash": self.sshs_model_hash}
+        return {"name": Path(self.path).name, self.hash_kind: self.hash}
 
 
 def lora_tensors(name: str, up: Tensor, down: Tensor, alpha: float, shape: Sequence[int],

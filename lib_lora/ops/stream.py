@@ -53,9 +53,12 @@ class TensorReader:
     def metadata(self) -> dict[str, str]:
         return self.header.metadata
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Names in the order their data lies in the file (sequential reads)."""
         return sorted(self.header.tensors, key=lambda k: self.header.tensors[k].start)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.header.tensors[k].shape for k in self.names()}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.header.tensors[key].shape
