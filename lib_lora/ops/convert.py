@@ -41,7 +41,7 @@ from lib_lora.ops.common import (
 from lib_lora.ops.linalg import RankRule
 from lib_lora.ops.modules import ModuleDelta, module_delta
 from lib_lora.ops.output import RANKS_KEY, Source, build_metadata, lora_tensors, network_facts, rank_figures, save_lora
-from lib_lora.ops.resize import ModuleRank
+from lib_lora.ops.resize import ModuleRank, reduce_module
 from lib_lora.ops.stream import TensorReader
 
 TARGETS = ("kohya", "diffusers", "lora")
@@ -126,10 +126,7 @@ def _to_lora(delta: ModuleDelta, rule: RankRule | None, mode: str, device) -> tu
                                                                                    float, ModuleRank]:
     if rule is None:
         raise ConfigError("rule", None, f"{delta.name} is {delta.module.algo}: give the rank to turn it into LoRA")
-    up, down, choice, _ = linalg.decompose(delta.matrix(device), rule, delta.spatial, mode=mode)
-    rank = choice.rank
-    return up, down, float(rank), ModuleRank(delta.rank, rank, float(rank), choice.sum_kept, choice.fro_kept,
-                                             choice.max_ratio)
+    return reduce_module(delta, rule, device, conv_rank_for_1x1=False, svd=mode)
 
 
 def _diffusers_tensors(name: str, up, down, alpha: float, shape, dtype, arch) -> dict[str, torch.Tensor]:

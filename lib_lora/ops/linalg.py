@@ -114,7 +114,8 @@ def choose_rank(s: Tensor, rule: RankRule, cap: int, full_len: int, total_sq: fl
 
 def kept(s: Tensor, rank: int, total_sq: float | None = None, complete: bool = True) -> RankChoice:
     """Figures of keeping `rank` of `s`; with a truncated `s` (`complete` False) the Frobenius total comes from
-    `total_sq` and the sum of all singular values is unknown (NaN)."""
+    `total_sq` and the sum of all singular values is unknown (NaN). A zero matrix has NaN fractions, as in
+    sd-scripts' log (and its average leaves them out)."""
     s = s.to(torch.float64).abs()
     squares = s.pow(2)
     fro = math.sqrt(float(squares.sum()) if total_sq is None else total_sq)
@@ -122,8 +123,8 @@ def kept(s: Tensor, rank: int, total_sq: float | None = None, complete: bool = T
     last = float(s[rank - 1]) if rank <= len(s) else 0.0
     return RankChoice(
         rank,
-        float(s[:rank].sum()) / total if total > 0 else (math.nan if not complete else 1.0),
-        math.sqrt(float(squares[:rank].sum())) / fro if fro > 0 else 1.0,
+        float(s[:rank].sum()) / total if total > 0 else math.nan,
+        math.sqrt(float(squares[:rank].sum())) / fro if fro > 0 else math.nan,
         float(s[0]) / last if last > 0 else math.inf,
     )
 

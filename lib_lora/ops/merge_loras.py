@@ -4,11 +4,12 @@ Every input acts with its strength (te/unet, lbw block weights as in a prompt), 
 is Σ strengthᵢ·ΔWᵢ:
 - 'exact': the factors are stacked, up = [c₁up₁ | c₂up₂ | ...], down = [down₁; down₂; ...] with cᵢ the
   strength times the input's alpha/rank (split as √|cᵢ| on each factor for fp16's range), alpha = total rank:
-  lossless. Plain LoRA/LoCon inputs only (any ranks and alphas).
+  lossless. Any ranks and alphas; LoHa and LoKr enter by their exact low-rank form (`modules`), Tucker and full
+  modules cannot (use 'svd').
 - 'svd': the sum truncated by a `RankRule` (fixed rank or a dynamic method), as sd-scripts' svd_merge_lora
   writes it: up = U·S, down = Vh, alpha = rank, factors clamped at the `clamp_quantile` (sd-scripts: 0.99).
-  When all inputs are plain LoRA the SVD comes from the stacked factors (exact, fast); other algorithms
-  (LoHa, LoKr, full) are summed as matrices.
+  When every input has a low-rank form the SVD comes from the stacked factors (exact, fast); otherwise the
+  deltas are summed as matrices.
 
 sd-scripts' `merge_lora.py` does neither: without `--concat` it adds the factors (up₁ + up₂)(down₁ + down₂),
 whose product is not the sum of the deltas; with `--concat` it scales both factors of an input by its ratio
@@ -98,8 +99,8 @@ def _check_shapes(name: str, terms: Sequence[_Term]) -> tuple[int, ...]:
 def _exact(name: str, terms: Sequence[_Term]):
     for t in terms:
         if not t.delta.factored:
-            raise ConfigError("mode", "exact", f"{t.source}: {name} is {t.delta.module.algo}, not plain LoRA; an "
-                                               "exact merge stacks LoRA factors (use mode 'svd' for other kinds)")
+            raise ConfigError("mode", "exact", f"{t.source}: {name} ({t.delta.module.algo}) has no low-rank form to "
+                                               "stack; use mode 'svd'")
     ups, downs = [], []
     for t in terms:
         c = t.strength * t.delta.scale

@@ -1,9 +1,12 @@
 """Network modules as the tools see them: ΔW as a low-rank product where it is one, else as a matrix.
 
 A plain LoRA/LoCon module is ΔW = up @ down · scale with up [out, r] and down [r, in·kh·kw]: the tools work on
-those factors and never build ΔW. Any other module (LoHa, LoKr, Tucker LoCon, full) is read as its ΔW, which
-needs the weight's shape: from the module when its tensors carry the kernel, else from the model's weights
-when given, else from the U-Net's layer names (3x3 convolutions are the ResNet convs, samplers and
+those factors and never build ΔW. LoHa and LoKr are low-rank products too, exactly: (A₁B₁)⊙(A₂B₂) =
+(A₁ ⊙ᵣ A₂)(B₁ ⊙꜀ B₂) with row- and column-wise Khatri-Rao products (rank r₁r₂), and kron(P₁Q₁, P₂Q₂) =
+kron(P₁, P₂)·kron(Q₁, Q₂); where that rank is below min(out, in·kh·kw) they are handled as factors as well.
+Other modules (Tucker forms, full) are read as their ΔW. Writing any of them as LoRA needs the weight's shape:
+from the module when its tensors carry the kernel, else from the model's weights when given, else from the
+U-Net's layer names (3x3 convolutions are the ResNet convs, samplers and
 conv_in/conv_out; proj_in/proj_out are 1x1 convs in SD1 and linear in SD2/SDXL; shortcuts are 1x1).
 IA3 and DoRA change the weight depending on its values, so they have no ΔW without the model.
 """
@@ -20,6 +23,7 @@ from lib_lora.errors import ConfigError
 from lib_lora.keys import kohya_to_path
 from lib_lora.networks import NetworkModule
 from lib_lora.networks.full import FullModule
+from lib_lora.networks.loha import LoHaModule
 from lib_lora.networks.lokr import LoKrModule
 from lib_lora.networks.lora import LoRAModule
 from lib_lora.types import Arch, Component
@@ -108,6 +112,33 @@ def weight_shape(name: str, module: NetworkModule, arch: Arch,
     return named_shape(name, produced[0], math.prod(produced[1:]), arch)
 
 
+def _loha_factors(m: LoHaModule) -> tuple[Tensor, Tensor] | None:
+    if m.hada_t1 is not None:
+        return None
+    a1, b1, a2, b2 = (t.detach().to(torch.float32) for t in (m.hada_w1_a, m.hada_w1_b, m.hada_w2_a, m.hada_w2_b))
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    return up, down
+
+
+def _split(full: Tensor | None, a: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A kron factor as P @ Q: its own low-rank pair, or the full matrix times an identity (the smaller side)."""
+    if full is None:
+        return a.detach().to(torch.float32), b.detach().to(torch.float32).flatten(1)
+    w = full.detach().to(torch.float32).flatten(1)
+    if w.shape[0] <= w.shape[1]:
+        return torch.eye(w.shape[0]), w
+    return w, torch.eye(w.shape[1])
+
+
+def _lokr_factors(m: LoKrModule) -> tuple[Tensor, Tensor] | None:
+    if m.lokr_t2 is not None:
+        return None
+    p1, q1 = _split(m.lokr_w1, m.lokr_w1_a, m.lokr_w1_b)
+    p2, q2 = _split(m.lokr_w2, m.lokr_w2_a, m.lokr_w2_b)
+    return torch.kron(p1, p2), torch.kron(q1, q2)
+
+
 def module_delta(name: str, module: NetworkModule, arch: Arch,
                  known: Mapping[str, tuple[int, ...]] | None = None) -> ModuleDelta:
     """The module as a ΔW (factors for plain LoRA). DoRA and IA3 are refused: their change needs W0."""
@@ -120,4 +151,8 @@ def module_delta(name: str, module: NetworkModule, arch: Arch,
         up = module.lora_up.weight.detach().flatten(1).to(torch.float32)
         down = module.lora_down.weight.detach().flatten(1).to(torch.float32)
         return ModuleDelta(name, shape, module, up, down, module.scale)
+    factors = _loha_factors(module) if isinstance(module, LoHaModule) else (
+        _lokr_factors(module) if isinstance(module, LoKrModule) else None)
+    if factors is not None and factors[1].shape[0] < min(shape[0], math.prod(shape[1:])):
+        return ModuleDelta(name, shape, module, factors[0], factors[1], module.scale)
     return ModuleDelta(name, shape, module)

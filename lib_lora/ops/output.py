@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -108,8 +109,9 @@ def build_metadata(base: Mapping[str, str], *, operation: str, comment: str, par
 
 
 def rank_figures(results: Mapping[str, object]) -> str:
-    """RANKS_KEY's value from records with `rank` and `fro_kept`."""
-    return json.dumps({n: [r.rank, round(r.fro_kept, 6)] for n, r in sorted(results.items())}, separators=(",", ":"))
+    """RANKS_KEY's value from records with `rank` and `fro_kept` (null where ΔW is zero or the figure unknown)."""
+    return json.dumps({n: [r.rank, None if math.isnan(r.fro_kept) else round(r.fro_kept, 6)]
+                       for n, r in sorted(results.items())}, separators=(",", ":"))
 
 
 def save_lora(tensors: dict[str, Tensor], metadata: dict[str, str], path: str | os.PathLike) -> dict[str, str]:

@@ -5,10 +5,12 @@ the factors (`linalg.factor_svd`: QR of each, SVD of the r x r core), which is e
 The output is what sd-scripts writes: up = U·S and down = Vh of the kept ranks, alpha = (alpha/rank) · new rank
 so the scale is unchanged, kept-energy figures per module. Modules that are not plain LoRA (LoHa, LoKr, Tucker
 LoCon, full) are resized from their ΔW by a full SVD and written as plain LoRA (scale 1). A DoRA magnitude
-vector is kept as it is (it rescales rows of W0 + ΔW, whatever ΔW's rank).
+vector is kept as it is (it rescales rows of W0 + ΔW, whatever ΔW's rank). As in sd-scripts' resize, `conv_rank`
+applies to every convolution, 1x1 ones included.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from lib_lora.ops.common import (
     resolve_device,
 )
 from lib_lora.ops.linalg import RankRule
-from lib_lora.ops.modules import module_delta
+from lib_lora.ops.modules import ModuleDelta, module_delta
 from lib_lora.ops.output import RANKS_KEY, Source, build_metadata, lora_tensors, network_facts, rank_figures, save_lora
 
 
@@ -79,24 +81,31 @@ class ResizeResult:
 
     @property
     def mean_fro_kept(self) -> float:
-        return statistics.fmean(m.fro_kept for m in self.modules.values())
+        """Mean Frobenius fraction kept over modules with a non-zero ΔW (sd-scripts' average)."""
+        values = [m.fro_kept for m in self.modules.values() if not math.isnan(m.fro_kept)]
+        return statistics.fmean(values) if values else math.nan
 
     def report(self) -> str:
         lines = [m.line(n) for n, m in sorted(self.modules.items())]
-        values = [m.fro_kept for m in self.modules.values()]
+        values = [m.fro_kept for m in self.modules.values() if not math.isnan(m.fro_kept)]
         spread = statistics.pstdev(values) if len(values) > 1 else 0.0
         lines.append(f"Average Frobenius norm retention: {self.mean_fro_kept:.2%} | std: {spread:0.3f}")
         return "\n".join(lines)
 
 
-def _resize_one(delta, rule: RankRule, device: torch.device):
-    """(up, down, alpha, ModuleRank) of one module."""
+def reduce_module(delta: ModuleDelta, rule: RankRule, device: torch.device, conv_rank_for_1x1: bool = True,
+                  svd: str = "full") -> tuple[torch.Tensor, torch.Tensor, float, ModuleRank]:
+    """(up, down, alpha, ModuleRank): `delta` at the ranks `rule` keeps. Factors go through `factor_svd` and keep
+    their alpha/rank; a dense ΔW goes through `linalg.decompose` (`svd` mode) and gets alpha = rank."""
+    # sd-scripts' resize gives every convolution (1x1 too) the conv rank; its merge and extract only k x k ones
+    conv = len(delta.shape) == 4 if conv_rank_for_1x1 else delta.spatial
     if delta.factored:
-        svd, scale = linalg.factor_svd(delta.up.to(device), delta.down.to(device)), delta.scale
+        s = linalg.factor_svd(delta.up.to(device), delta.down.to(device))
+        up, down, choice = linalg.truncate(s, rule, conv, min(delta.matrix_shape))
+        alpha = delta.scale * choice.rank  # sd-scripts: alpha/rank unchanged, so the kept ranks act as before
     else:
-        svd, scale = linalg.full_svd(delta.matrix(device)), 1.0
-    up, down, choice = linalg.truncate(svd, rule, delta.spatial, min(delta.matrix_shape))
-    alpha = scale * choice.rank  # sd-scripts: alpha/rank unchanged, so the kept ranks act as before
+        up, down, choice, _ = linalg.decompose(delta.matrix(device), rule, conv, mode=svd)
+        alpha = float(choice.rank)
     return up, down, alpha, ModuleRank(delta.rank, choice.rank, alpha, choice.sum_kept, choice.fro_kept,
                                        choice.max_ratio)
 
@@ -129,7 +138,7 @@ def resize(request: ResizeRequest, progress: Progress | None = None,
                 delta = module_delta(name, module, net.arch)
             finally:
                 module.dora_scale = dora
-            up, down, alpha, results[name] = _resize_one(delta, request.rule, device)
+            up, down, alpha, results[name] = reduce_module(delta, request.rule, device)
             spatial[name] = delta.spatial
             tensors.update(lora_tensors(name, up, down, alpha, delta.shape, dtype))
             if dora is not None:
