@@ -19,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", required=True, metavar="PATH[:te[:unet]][:lbw=..]",
                         help="a LoRA and its strengths (repeat for several); lbw= takes a preset or a list")
     add_rank_arguments(parser, "LoRA + LoRA: merge by SVD to this rank (default: exact, ranks stacked)")
-    parser.add_argument("--clamp-quantile", type=float, default=0.99,
-                        help="SVD merge: clamp factors at this quantile, as sd-scripts (default 0.99)")
-    parser.add_argument("--no-clamp", action="store_true", help="SVD merge: no quantile clamp")
+    parser.add_argument("--clamp-quantile", type=float, default=None,
+                        help="SVD merge: clamp the factors at this quantile as sd-scripts' svd_merge_lora does (it "
+                             "uses 0.99; default: no clamp, the best approximation at the rank)")
     add_common_arguments(parser, "stored precision (default: as the input; for --model each tensor keeps its own)")
 
 
@@ -42,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {count} modules merged" + (f", {len(missing)} not in the model" if missing else ""))
         print(f"wrote {result.output} ({result.arch.label}, {result.tensors} tensors, {result.seconds:.1f} s)")
         return 0
-    clamp = None if args.no_clamp else args.clamp_quantile
-    request = MergeLorasRequest(loras, args.out, "exact" if rule is None else "svd", rule,
-                                clamp if rule is not None else 0.99, args.dtype, args.device, args.force)
+    if rule is None and args.clamp_quantile is not None:
+        raise ConfigError("--clamp-quantile", args.clamp_quantile, "applies to an SVD merge (give --rank/--dynamic)")
+    request = MergeLorasRequest(loras, args.out, "exact" if rule is None else "svd", rule, args.clamp_quantile,
+                                args.dtype, args.device, args.force)
     with progress_bar(not args.no_progress, "module") as (progress, stop):
         result = merge_loras(request, progress, stop)
     print(f"wrote {result.output} ({request.mode}, rank {result.info.rank}, {len(result.modules)} modules, "

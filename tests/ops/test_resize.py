@@ -11,7 +11,7 @@ from lib_lora.io import addnet_hash, read_metadata
 from lib_lora.networks import load_network
 from lib_lora.ops import RankRule, ResizeRequest, resize
 from lib_lora.ops.output import RANKS_KEY
-from tests.ops.util import SD_SCRIPTS, SMALL_A, delta, rel
+from tests.ops.util import SD_SCRIPTS, SMALL_A, delta, rel, rel_terms, terms
 
 FP16_REL = 2e-3  # both sides stored fp16: ~1e-3 relative per factor
 _LOG_LINE = re.compile(r"^(lora_\S+)\s+\| sum\(S\) retained: ([\d.]+)%, fro retained: ([\d.]+)%, "
@@ -23,7 +23,7 @@ def test_rank1_of_the_real_locon_matches_sd_scripts_file_and_log(tools_dir, real
     result = resize(ResizeRequest(str(real_lora_dir / "sd15_locon.safetensors"), str(out), RankRule(1), "fp16"))
     ours, theirs = load_network(out), load_network(tools_dir / "resize_fxlocon_r1.safetensors")
     assert set(ours.modules) == set(theirs.modules) and len(ours.modules) == 350
-    worst = max(rel(delta(ours, n), delta(theirs, n)) for n in theirs.modules)
+    worst = max(rel_terms(terms(ours, n), terms(theirs, n)) for n in theirs.modules)
     assert worst < FP16_REL, worst
     rows = _LOG_LINE.findall((tools_dir / "logs" / "resize_fxlocon_r1.log").read_text())
     assert len(rows) == 350

@@ -25,3 +25,23 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fingerprint(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+Terms = list[tuple[float, torch.Tensor, torch.Tensor]]  # Σ coef · up @ down
+
+
+def terms(net: LoadedNetwork, name: str, coef: float = 1.0) -> Terms:
+    """ΔW of a module as low-rank terms (scale folded into the coefficient), float64."""
+    d = module_delta(name, net.modules[name], net.arch)
+    return [(coef * d.scale, d.up.double(), d.down.double())]
+
+
+def _inner(a: Terms, b: Terms) -> float:
+    """<Σ a, Σ b> (Frobenius) from the factors: tr((Uaᵀ Ub)(Vb Vaᵀ)), never forming a matrix."""
+    return sum(ca * cb * float(torch.sum((ua.T @ ub) * (da @ db.T))) for ca, ua, da in a for cb, ub, db in b)
+
+
+def rel_terms(a: Terms, b: Terms) -> float:
+    """||A - B|| / ||B|| for low-rank sums A, B (cheap for layers of any size)."""
+    diff = _inner(a, a) - 2 * _inner(a, b) + _inner(b, b)
+    return (max(diff, 0.0) / _inner(b, b)) ** 0.5
