@@ -196,6 +196,8 @@ class OptimizerConfig:
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
     lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str | None = None  # a torch.optim.lr_scheduler class, as sd-scripts: replaces lr_scheduler
+    lr_scheduler_args: tuple[tuple[str, Any], ...] = ()  # its keyword arguments
 
     def __post_init__(self) -> None:
         # Store the registry's spelling so that logs and metadata read "AdamW8bit" whatever the user typed.
@@ -217,6 +219,11 @@ class OptimizerConfig:
               "must be >= 1")
         check_positive("lr_scheduler_power", self.lr_scheduler_power)
         check_fraction("lr_scheduler_min_lr_ratio", self.lr_scheduler_min_lr_ratio, inclusive_one=True)
+        if self.lr_scheduler_type is not None:
+            schedulers.check_torch_scheduler(self.lr_scheduler_type, self.lr_scheduler_args)
+        else:
+            check(not self.lr_scheduler_args, "lr_scheduler_args", self.lr_scheduler_args,
+                  "are arguments of lr_scheduler_type's class; give lr_scheduler_type too")
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -245,7 +252,8 @@ class OptimizerConfig:
         return schedulers.ScheduleSpec(
             name=self.lr_scheduler, total_steps=total_steps, warmup_steps=self.warmup_steps(total_steps),
             num_cycles=self.lr_scheduler_num_cycles, power=self.lr_scheduler_power,
-            min_lr_ratio=self.lr_scheduler_min_lr_ratio or 0.0)
+            min_lr_ratio=self.lr_scheduler_min_lr_ratio or 0.0, torch_class=self.lr_scheduler_type,
+            torch_args=self.lr_scheduler_args)
 
 
 # ---------------------------------------------------------------------------------------------------- run / output

@@ -47,7 +47,7 @@ SECTIONS: dict[str, type] = {
     "guard": tc.GuardConfig, "logging": tc.LoggingConfig, "data": DataConfig,
 }
 # Fields assembled from several options, not set by name:
-_BUILT_FIELDS = {"network_args", "network_args_raw", "blockwise", "datasets", "optimizer_args"}
+_BUILT_FIELDS = {"network_args", "network_args_raw", "blockwise", "datasets", "optimizer_args", "lr_scheduler_args"}
 LORA_PLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 _RUNTIME = "sd-scripts runtime detail; this engine decides it itself"
@@ -80,8 +80,6 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "fp8_base_unet": (bool, False, "fp8 base weights are not implemented"),
     "fused_backward_pass": (bool, False, "fused backward passes are not implemented"),
     "weighted_captions": (bool, False, "weighted captions are not implemented"),
-    "lr_scheduler_type": (str, "", "custom scheduler classes are not supported; see lr_scheduler"),
-    "lr_scheduler_args": (tuple[str, ...] | None, None, "custom scheduler arguments are not supported"),
     "lr_decay_steps": (int | float, 0, "warmup_stable_decay is not implemented"),
     "lr_scheduler_timescale": (int | None, None, "inverse_sqrt is not implemented"),
     "zero_terminal_snr": (bool, False, "zero terminal SNR is not implemented"),
@@ -105,6 +103,7 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
 }
 ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
 EMBEDDED = "embedded"  # pretrained_model_name_or_path naming the shipped tiny model
+ARG_TABLES = ("network_args", "optimizer_args", "lr_scheduler_args")  # key=value lists, or TOML tables
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,7 @@ def _option_table() -> dict[str, Option]:
         if name not in ("batch_size", "num_repeats"):  # the run's names are train_batch_size / folder names
             add(name, "dataset", hint)
     for name, hint in (("network_args", tuple[str, ...]), ("optimizer_args", tuple[str, ...]),
+                       ("lr_scheduler_args", tuple[str, ...]),
                        ("use_8bit_adam", bool), ("use_lion_optimizer", bool), ("caption_extention", str),
                        ("epoch", int), ("noise_offset_type", str)):
         add(name, "special", hint)
@@ -176,8 +176,7 @@ def flatten_run_toml(doc: Mapping[str, Any], source: str) -> tuple[dict[str, Any
         inline = {"datasets": doc.pop("datasets"), **({"general": doc.pop("general")} if "general" in doc else {})}
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        pairs = value.items() if isinstance(value, Mapping) and key not in ("optimizer_args", "network_args") \
-            else [(key, value)]
+        pairs = value.items() if isinstance(value, Mapping) and key not in ARG_TABLES else [(key, value)]
         for name, item in pairs:
             if name in flat:
                 raise ConfigError(name, item, f"given twice in {source} (sections are merged, as sd-scripts does)")
@@ -227,7 +226,7 @@ def _override_value(key: str, values: list[str]) -> Any:
     if not values:
         raise ConfigError(key, None, "needs a value")
     if _is_list(hint):
-        return values if len(values) > 1 or name in ("network_args", "optimizer_args") else values[0]
+        return values if len(values) > 1 or name in ARG_TABLES else values[0]
     if len(values) > 1:
         raise ConfigError(key, values, "takes one value")
     return values[0]
@@ -257,7 +256,7 @@ def convert_options(raw: Mapping[str, Any], *, base_dir: Path | None, notes: lis
             hint, default, reason = UNSUPPORTED[key]
             if coerce(value, hint, name=key, base_dir=None) != default:
                 raise ConfigError(key, value, f"not supported here: {reason}")
-        elif key in ("network_args", "optimizer_args") and isinstance(value, Mapping):
+        elif key in ARG_TABLES and isinstance(value, Mapping):
             typed[key] = dict(value)  # a TOML table: already typed
         else:
             typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=base_dir)
@@ -317,14 +316,15 @@ def parse_network_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, di
     return out
 
 
-def parse_optimizer_args(items: Sequence[str] | Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+def parse_optimizer_args(items: Sequence[str] | Mapping[str, Any],
+                         option: str = "optimizer_args") -> tuple[tuple[str, Any], ...]:
     """`optimizer_args` -> typed pairs, literal-eval style: "weight_decay=0.1" -> 0.1, "betas=0.9,0.99" ->
     (0.9, 0.99), "relative_step=False" -> False (lower-case true/false/none too); other text stays text."""
     words = {"true": True, "false": False, "none": None}
     pairs = []
-    for key, value in _key_values(items, "optimizer_args"):
+    for key, value in _key_values(items, option):
         if not key.isidentifier():
-            raise ConfigError(f"optimizer_args.{key}", value, "not a keyword argument name")
+            raise ConfigError(f"{option}.{key}", value, "not a keyword argument name")
         if isinstance(value, str):
             try:
                 value = ast.literal_eval(value)
@@ -395,6 +395,10 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
     parsed = parse_network_args(opts.pop("network_args", ()))
     _merge_network_extras(opts, parsed)
     optimizer_args = parse_optimizer_args(opts.pop("optimizer_args", ()))
+    scheduler_args = parse_optimizer_args(opts.pop("lr_scheduler_args", ()), option="lr_scheduler_args")
+    if opts.get("lr_scheduler_type"):
+        notes.append(f"lr_scheduler_type = {opts['lr_scheduler_type']}: this torch scheduler sets the lr; "
+                     "lr_scheduler and lr_warmup_steps do not apply (as in sd-scripts)")
     if opts.get("masked_loss") and "alpha_mask" not in opts:
         opts["alpha_mask"] = True  # sd-scripts' masked loss reads the alpha channel
     datasets = _datasets(opts, dataset_doc, dataset_base, dataset_source, notes)
@@ -409,7 +413,7 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
             kwargs[section][name] = value
     kwargs["network"].update(network_args=NetworkArgs(**parsed["args"]), network_args_raw=tuple(parsed["raw"].items()),
                              blockwise=BlockwiseConfig(**kwargs["blockwise"]))
-    kwargs["optimizer"]["optimizer_args"] = optimizer_args
+    kwargs["optimizer"].update(optimizer_args=optimizer_args, lr_scheduler_args=scheduler_args)
     kwargs["data"]["datasets"] = datasets
     sections = {name: cls(**kwargs[name]) for name, cls in SECTIONS.items()}
     notes.extend(algo_args.network_notes(sections["network"]))

@@ -409,3 +409,28 @@ def test_a_run_without_seed_resumes_by_its_own_instruction(tmp_path):
     assert second.status == "finished" and second.steps == 4
     seeds = {load_file(f).metadata["ss_seed"] for f in (first.final_file, second.final_file)}
     assert len(seeds) == 1
+
+
+def test_vae_option_trains_with_another_vae_and_gives_the_model_back(tmp_path):
+    from lib_lora.errors import FileFormatError
+    from lib_lora.io import save_file
+    from lib_lora.sd.checkpoint_save import save_checkpoint
+
+    other = tiny_model(seed=5)  # another VAE of the same shape
+    save_checkpoint(other, tmp_path / "other.safetensors", dtype=torch.float32, write_yaml=False)  # LDM spelling
+    save_file(other.vae.state_dict(), tmp_path / "vae_diffusers.safetensors")  # diffusers spelling
+    losses = {}
+    for name, vae in (("own", None), ("ldm", "other.safetensors"), ("diffusers", "vae_diffusers.safetensors")):
+        model = tiny_model()
+        before = model.vae
+        events, listen = _events({"step"})
+        cfg = load_config(_setup(tmp_path / name, max_train_steps=1, train_batch_size=1,
+                                 vae=str(tmp_path / vae) if vae else None))
+        assert train(cfg, model=model, listeners=[listen]).status == "finished"
+        assert model.vae is before
+        losses[name] = events[0].loss
+    # the same VAE through either spelling (conv 1x1 vs linear attention weights: rounding-sized differences)
+    assert losses["ldm"] != losses["own"] and abs(losses["ldm"] - losses["diffusers"]) < 1e-3 * abs(losses["ldm"])
+    lora = next((tmp_path / "own" / "out").glob("*.safetensors"))
+    with pytest.raises(FileFormatError, match="not a VAE"):
+        train(load_config(_setup(tmp_path / "bad", max_train_steps=1, vae=str(lora))), model=tiny_model())
