@@ -12,17 +12,20 @@ import torch
 from lib_lora.errors import ConfigError
 from lib_lora.info import describe
 from lib_lora.io import load_file, read_metadata
-from lib_lora.networks import load_network
+from lib_lora.networks import LoadedNetwork, load_network
 from lib_lora.networks.norm import NormModule
 from lib_lora.patching import Application, WeightPatcher
 from lib_lora.train.algo_args import network_notes
 from lib_lora.train.blockwise import BlockwiseConfig
 from lib_lora.train.config import NetworkArgs, NetworkConfig
+from lib_lora.train.families.diffusers_family import DiffusersFamily
+from lib_lora.train.families.ldm_family import LdmFamily
 from lib_lora.train.network import TrainableNetwork, summarize
 from lib_lora.train.run import train
 from lib_lora.train.toml_config import load_config, parse_network_args
 from lib_lora.types import Arch
 from tests.helpers import checksum, targets_of
+from tests.train import ldm_standin
 from tests.train.fixtures import tiny_model, write_images, write_run
 
 
@@ -148,3 +151,42 @@ def test_train_norm_trains_and_every_reader_agrees(tmp_path):
             outputs[mode] = model.unet(x, torch.tensor([300]), encoder_hidden_states=context).sample
         assert checksum(model.unet, *model.text_encoders) == before
     torch.testing.assert_close(outputs["hooked"], outputs["merge"], rtol=1e-4, atol=1e-5)
+
+
+def _norm_grads(family, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """w_norm/b_norm gradients of one prediction loss, with norm modules that already change the model."""
+    targets = family.targets()
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for t in sorted(targets.select(["attn_norm", "resnet_norm"]), key=lambda t: t.name):
+        m = NormModule.create(t.name, t.shape)
+        with torch.no_grad():
+            m.w_norm.normal_(0, 0.05, generator=g)
+            m.b_norm.normal_(0, 0.05, generator=g)
+        modules[t.name] = m
+    net = LoadedNetwork("train", None, family.arch, "training", modules)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    target = torch.randn(2, 4, 16, 16, generator=g)
+    with WeightPatcher(targets, "hooked").applied([Application(net)]):
+        cond = family.encode_prompts(["a photo of sks dog", "a red circle"])
+        pred = family.predict(latents, torch.tensor([20, 850]), cond)
+        ((pred - target) ** 2).mean().backward()
+    return {name: (m.w_norm.grad, m.b_norm.grad) for name, m in modules.items()}
+
+
+def test_web_ui_unet_trains_the_same_norms_as_diffusers():
+    """Training in the web UI hooks the LDM U-Net's GroupNorm32 (normalising in float32) and LayerNorms: its norm
+    modules get the gradients the diffusers U-Net gives them."""
+    model, standin = ldm_standin.sd1_pair()
+    diffusers, ldm = DiffusersFamily(model), LdmFamily(standin)
+    try:
+        expected, got = _norm_grads(diffusers), _norm_grads(ldm)
+    finally:
+        diffusers.close()
+        ldm.close()
+    assert got.keys() == expected.keys() and len(got) == 108
+    scale = max(g.abs().max().item() for pair in expected.values() for g in pair)
+    assert scale > 0
+    for name, pair in expected.items():
+        for g, e in zip(got[name], pair):
+            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3 * scale, msg=name)
