@@ -28,7 +28,7 @@ def lora_tensors(target: Target, algo: str, rank: int, g: torch.Generator, scale
                  dtype=torch.float32) -> dict[str, torch.Tensor]:
     """File tensors (suffix -> tensor) of one random module of `algo` for `target`."""
     shape = target.shape
-    out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
+    out_f, in_f, kernel = shape[0], shape[1] if len(shape) > 1 else 1, tuple(shape[2:])
 
     def r(*s):
         return (torch.randn(*s, generator=g) * scale).to(dtype)
@@ -83,6 +83,8 @@ def lora_tensors(target: Target, algo: str, rank: int, g: torch.Generator, scale
         return {"weight": r(out_f) * 10, "on_input": torch.tensor(False)}
     elif algo == "full":
         return {"diff": r(*shape)}
+    elif algo == "norm":  # LyCORIS train_norm: a change of a normalization layer's weight and bias
+        return {"w_norm": r(out_f) * 4, "b_norm": r(out_f) * 4}
     else:
         raise ValueError(algo)
     t["alpha"] = torch.tensor(float(rank) / 2, dtype=dtype)

@@ -28,14 +28,17 @@ from lib_lora.errors import NonFiniteError, ShapeMismatchError
 
 @dataclass(frozen=True)
 class LayerOp:
-    """How the targeted layer applies its weight: linear, or conv2d with its geometry."""
+    """How the targeted layer applies its weight: linear, conv2d with its geometry, or a normalization layer's
+    affine weight and bias (group_norm: `groups` groups; layer_norm: over `normalized_shape`; both with `eps`)."""
 
-    kind: str  # 'linear' | 'conv'
+    kind: str  # 'linear' | 'conv' | 'group_norm' | 'layer_norm'
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     pointwise: bool = False  # a 1x1 conv that is a per-pixel matrix product (stride 1, no padding, one group)
+    normalized_shape: tuple[int, ...] = ()
+    eps: float = 1e-5
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerOp:
@@ -44,11 +47,22 @@ class LayerOp:
             pointwise = tuple(module.kernel_size) == (1, 1) and geometry[0] == (1, 1) and geometry[1] in (
                 (0, 0), "valid") and geometry[2] == (1, 1) and geometry[3] == 1
             return cls("conv", *geometry, pointwise=pointwise)
+        if isinstance(module, nn.GroupNorm):
+            return cls("group_norm", groups=module.num_groups, eps=module.eps)
+        if isinstance(module, nn.LayerNorm):
+            return cls("layer_norm", normalized_shape=tuple(module.normalized_shape), eps=module.eps)
         return cls("linear")
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, weight, bias)
+        if self.kind == "group_norm":
+            return F.group_norm(x, self.groups, weight.reshape(-1), None if bias is None else bias.reshape(-1),
+                                self.eps)
+        if self.kind == "layer_norm":
+            shape = self.normalized_shape
+            return F.layer_norm(x, shape, weight.reshape(shape), None if bias is None else bias.reshape(shape),
+                                self.eps)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 

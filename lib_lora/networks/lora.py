@@ -162,8 +162,10 @@ class LoRAModule(NetworkModule):
                 rows = x.shape[0] * x.shape[-1] * x.shape[-2] // (layer.stride[0] * layer.stride[1])
             if not rebuild_is_cheaper(rows, in_f, out_f, r, build=True):
                 return None
-            weight = torch.addmm(w0.reshape(out_f, -1).to(up.dtype), up.reshape(out_f, r), down.reshape(r, -1),
-                                 alpha=multiplier * self.scale)
+            # in the wider of the two dtypes: an fp16 file on a float32 model must not round W0 to fp16
+            dtype = torch.promote_types(w0.dtype, up.dtype)
+            weight = torch.addmm(w0.reshape(out_f, -1).to(dtype), up.reshape(out_f, r).to(dtype),
+                                 down.reshape(r, -1).to(dtype), alpha=multiplier * self.scale)
         if not torch.is_autocast_enabled():
             weight = weight.to(x.dtype)
         if layer.pointwise and x.device.type == "cpu":

@@ -19,6 +19,8 @@ ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker", "constrain": "co
 
 _LORA_TYPES = ("lora", "locon", "dylora", "lora_fa")
 _LYCORIS_DELTAS = ("lora", "locon", "loha", "lokr")
+# every algorithm lycoris.kohya trains here (LyCORIS adds its norm modules beside any of them)
+_LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "diag-oft")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ ALGO_ARGS: dict[str, AlgoArg] = {
     "rank_dropout_scale": AlgoArg(_LORA_TYPES, "LyCORIS rank dropout: rescale the kept ranks by 1 / their share "
                                                "(without it LyCORIS keeps them as they are)"),
     "use_scalar": AlgoArg((), "a trained scalar in front of ΔW (LyCORIS use_scalar) is not implemented"),
-    "train_norm": AlgoArg((), "training the normalization layers too (LyCORIS train_norm) is not implemented"),
+    "train_norm": AlgoArg(_LYCORIS_ALGOS, "LyCORIS: the GroupNorm/LayerNorm layers inside the trained blocks get a "
+                                          "learned change of their weight and bias too (`w_norm`, `b_norm`)"),
 }
 
 
@@ -79,6 +82,26 @@ def check_algorithm_args(network: Any) -> None:
     if args.rank_dropout_scale and network_module != "lycoris.kohya":
         raise ConfigError("network_args.rank_dropout_scale", True, "is a lycoris.kohya option (sd-scripts' rank "
                                                                    "dropout always rescales by 1 / (1 - rate))")
+    if args.train_norm:
+        _check_train_norm(network)
+
+
+# LyCORIS presets whose target modules hold no normalization layer (attn-only targets the attention modules)
+_PRESETS_WITHOUT_NORMS = ("attn-only",)
+
+
+def _check_train_norm(network: Any) -> None:
+    if network.network_module != "lycoris.kohya":
+        raise ConfigError("network_args.train_norm", True, f"is a lycoris.kohya option ({network.network_module} "
+                                                           "trains no normalization layers); set network_module = "
+                                                           "'lycoris.kohya' or drop train_norm")
+    preset = network.network_args.preset or "full"
+    if preset in _PRESETS_WITHOUT_NORMS or network.network_train_text_encoder_only:
+        where = "the text encoder's attention and MLP layers" if network.network_train_text_encoder_only else \
+            f"preset {preset}"
+        raise ConfigError("network_args.train_norm", True, f"{where} hold no normalization layer to train "
+                                                           "(LyCORIS trains the norms inside the U-Net's transformer "
+                                                           "and ResNet blocks); set train_norm = False")
 
 
 def network_notes(network: Any) -> list[str]:
@@ -95,4 +118,17 @@ def network_notes(network: Any) -> list[str]:
                      f"file's alpha holds the constraint, here {network.network_args.constraint:g})")
     elif algo == "ia3":
         notes.append("network_dim / network_alpha: no effect for ia3 (one factor per channel, no scale)")
+    if network.network_args.train_norm:
+        notes.extend(_norm_notes(network))
+    return notes
+
+
+def _norm_notes(network: Any) -> list[str]:
+    """What acts on the normalization layers' modules (train_norm) and what does not."""
+    notes = []
+    if network.network_args.rank_dropout:
+        notes.append("rank_dropout: no effect on the normalization layers' modules (train_norm; they have no ranks)")
+    if network.scale_weight_norms is not None:
+        notes.append("scale_weight_norms: the normalization layers' modules (train_norm) are not bounded (LyCORIS "
+                     "bounds none)")
     return notes

@@ -2,8 +2,9 @@
 themselves, their optimizer parameter groups, attaching them to the model, and the tensors we save.
 
 Target selection follows sd-scripts (`networks.lora`: U-Net transformer layers + text-encoder attention/MLP;
-with `conv_dim` also ResNet and sampler layers, 3x3 convs at conv_dim) and LyCORIS presets (`lycoris.kohya`).
-Block-wise dims and lr weights use the block ids of `blocks.py`.
+with `conv_dim` also ResNet and sampler layers, 3x3 convs at conv_dim) and LyCORIS presets (`lycoris.kohya`; with
+`train_norm`, also the normalization layers inside the blocks the preset targets). Block-wise dims and lr weights use
+the block ids of `blocks.py`.
 """
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ LYCORIS_PRESET_ROLES = {
     "unet-transformer-only": (("attn",), (), False),
     "unet-convblock-only": (("resnet", "sampler"), (), False),
 }
+# LyCORIS train_norm: the normalization layers inside the modules a preset targets (Transformer2DModel -> attn_norm,
+# ResnetBlock2D -> resnet_norm), whatever the algorithm and even in linear-only presets. Its text-encoder targets
+# (CLIPAttention, CLIPMLP) and attn-only's attention modules hold none, and conv_norm_out is no target of any preset.
+LYCORIS_PRESET_NORM_ROLES = {
+    "full": ("attn_norm", "resnet_norm"),
+    "full-lin": ("attn_norm", "resnet_norm"),
+    "attn-mlp": ("attn_norm",),
+    "attn-only": (),
+    "unet-transformer-only": ("attn_norm",),
+    "unet-convblock-only": ("resnet_norm",),
+}
 # what the trained algorithm names build: (registered algorithm, DyLoRA, LoRA-FA)
 BUILDS = {"lora": ("lora", False, False), "locon": ("lora", False, False), "dylora": ("lora", True, False),
           "lora_fa": ("lora", False, True), "loha": ("loha", False, False), "lokr": ("lokr", False, False),
@@ -48,7 +60,8 @@ ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_
 
 @dataclass(frozen=True)
 class ModulePlan:
-    """One module to train: its target, rank/alpha, block id and lr multiplier."""
+    """One module to train: its target, rank/alpha (0 for a normalization layer's module), block id and lr
+    multiplier."""
 
     target: Target
     rank: int
@@ -124,9 +137,31 @@ def plan_modules(cfg: NetworkConfig, targets: ModelTargets) -> list[ModulePlan]:
         if rank == 0 or weight == 0.0:
             continue  # sd-scripts: a block with lr weight 0 (or dim 0) gets no module
         plans.append(ModulePlan(t, int(rank), float(alpha), block, weight))
+    if args.train_norm:
+        plans += _norm_plans(cfg, targets, lr_weights)
     if not plans:
         raise ConfigError("network_module", cfg.network_module, "this selection trains no module of the model "
                           "(check network_train_*_only, preset, conv_dim and block-wise settings)")
+    return plans
+
+
+def _norm_plans(cfg: NetworkConfig, targets: ModelTargets, lr_weights: Mapping[str, float]) -> list[ModulePlan]:
+    """LyCORIS train_norm: a NormModule for each normalization layer of the blocks the preset trains.
+
+    Raises:
+        ConfigError: when that selection holds no normalization layer (train_norm would change nothing).
+    """
+    preset = cfg.network_args.preset or "full"
+    roles = LYCORIS_PRESET_NORM_ROLES[preset] if cfg.train_unet else ()
+    plans = []
+    for t in targets.select(roles, [Component.UNET]):
+        block = blocks.block_of(t.name, targets.arch)
+        weight = lr_weights.get(block, 1.0)
+        if weight != 0.0:
+            plans.append(ModulePlan(t, 0, 0.0, block, weight))
+    if not plans:  # presets without norms are refused with the config (`algo_args`); here block lr weights of 0
+        raise ConfigError("network_args.train_norm", True, f"no normalization layer of preset {preset} is trained "
+                                                           "(their blocks have lr weight 0); set train_norm = False")
     return plans
 
 
@@ -150,6 +185,8 @@ class TrainableNetwork(nn.Module):
     # ------------------------------------------------------------------------------------ build
 
     def _build(self, plan: ModulePlan, g: torch.Generator, initial: LoadedNetwork | None) -> NetworkModule:
+        if plan.target.is_norm:
+            return self._build_norm(plan, initial)
         algo, dynamic, frozen_down = BUILDS[self.cfg.algo]
         cls = ALGORITHMS[algo]
         t = plan.target
@@ -177,6 +214,17 @@ class TrainableNetwork(nn.Module):
             module.dylora_unit = (args.unit or args.block_size or lycoris_unit) if dynamic else 0
             if frozen_down:  # LoRA-FA (Zhang et al. 2023): the down projection stays at its random init
                 module.lora_down.weight.requires_grad_(False)
+        return module
+
+    def _build_norm(self, plan: ModulePlan, initial: LoadedNetwork | None) -> NetworkModule:
+        """LyCORIS' NormModule: zero changes of the layer's weight and bias; module dropout and bypass_mode apply
+        (rank dropout does not: `algo_args.network_notes` says so)."""
+        t = plan.target
+        module = ALGORITHMS["norm"].create(t.name, t.shape, bias=getattr(t.module, "bias", None) is not None)
+        if initial is not None and t.name in initial.modules:
+            _copy_weights(module, initial.modules[t.name])
+        module.module_dropout = self.cfg.network_args.module_dropout or 0.0
+        module.bypass_only = self.cfg.network_args.bypass_mode
         return module
 
     def load_weights(self, network: LoadedNetwork) -> list[str]:
@@ -349,9 +397,9 @@ def load_initial_weights(path, arch: Arch) -> LoadedNetwork:
 
 
 def summarize(network: TrainableNetwork) -> Mapping[str, int]:
-    """Module counts by component (for the start-of-run report)."""
+    """Module counts by component, normalization layers (train_norm) apart (for the start-of-run report)."""
     counts: dict[str, int] = {}
     for plan in network.plans.values():
-        key = plan.target.component.value
+        key = "norm" if plan.target.is_norm else plan.target.component.value
         counts[key] = counts.get(key, 0) + 1
     return counts

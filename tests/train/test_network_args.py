@@ -68,7 +68,7 @@ def test_the_guis_defaults_are_accepted_for_every_algorithm(algo):
     (["algo=loha", "factor=4"], "network_args.factor", "lokr"),
     (["algo=lokr", "block_size=2"], "network_args.block_size", "dylora"),
     (["algo=lora", "use_scalar=True"], "network_args.use_scalar", "not implemented"),
-    (["algo=lora", "train_norm=True"], "network_args.train_norm", "not implemented"),
+    (["algo=lora", "train_norm=True", "preset=attn-only"], "network_args.train_norm", "no normalization layer"),
     (["algo=diag-oft", "constraint=-1"], "constraint", ">= 0"),
     (["algo=loha", "dropout=0.1"], "network_args.dropout", "LoRA-type"),
     (["algo=diag-oft", "rank_dropout=0.1"], "network_args.rank_dropout", "LoRA-type"),
