@@ -25,8 +25,6 @@ CASES = sorted(p.name for p in CASES_DIR.iterdir() if (p / "run.toml").is_file()
 
 # Refused on purpose, with the option the one-line error must name.
 REFUSED = {
-    "k16_dylora_adafactor": "train_norm",
-    "k16_dylora_adafactor__gui_faithful": "train_norm",
     # the GUI's bucket_reso_steps = 64 kept, with images scaled down to 64..128 px: shrunk to the area they have a
     # side under one step (sd-scripts would make a zero-height bucket and crash)
     "k20_standard_multires__gui_faithful": "bucket_reso_steps",
@@ -84,7 +82,8 @@ def _configured(run_toml: Path, extra: list[str]) -> dict:
     if args.get("dora_wd", "False").strip().lower() == "true" and algo in ("lora", "locon"):
         algo = "dora"
     convs = "conv_dim" in args or "conv_block_dims" in args or (module == "lycoris.kohya" and algo == "locon")
-    return {"module": module, "algo": algo, "dim": dim, "alpha": alpha, "convs": convs,
+    norm = module == "lycoris.kohya" and args.get("train_norm", "False").strip().lower() == "true"
+    return {"module": module, "algo": algo, "dim": dim, "alpha": alpha, "convs": convs, "norm": norm,
             "name": options.get("output_name", "last")}
 
 
@@ -110,7 +109,7 @@ def test_real_config_trains_or_is_refused_clearly(case, world, capsys):
     expected = FILE_ALGORITHM[want["algo"]]
     if expected == "lora" and (want["convs"] or want["module"] == "lycoris.kohya"):
         expected = "locon"  # LyCORIS trains k x k convolutions at network_dim unless conv_dim says otherwise
-    assert info.algorithms == [expected], (info.algorithms, want)
+    assert info.algorithms == [expected] + (["norm"] if want["norm"] else []), (info.algorithms, want)
     meta = read_metadata(path)
     assert meta["ss_network_module"] == want["module"]
     assert int(meta["ss_network_dim"]) == want["dim"] and float(meta["ss_network_alpha"]) == want["alpha"], meta
