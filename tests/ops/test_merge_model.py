@@ -83,15 +83,15 @@ def _sd15_subset(path, keys) -> None:
 def test_same_changes_as_sd_scripts_merge_into_a_full_size_sd15(real_lora_dir, tmp_path):
     """sd-scripts' merge_lora.py --sd_model (sd15_lora 0.7, sd15_locon -0.4; README in tests/data/ops): the change
     of every one of the 350 weights, by norm, and the leading entries of some, merged here into zeros."""
-    # the pinned change is fl32(W0 + ΔW) - W0 with W0 ~ N(0, 0.02²): it carries W0's rounding, ~1e-9 per entry,
-    # up to 5e-4 of the norm on the largest layers; merged into zeros here, ours has none
+    # the pinned change is fl32(W0 + ΔW) - W0 with W0 ~ N(0, 0.02²): it carries W0's rounding (~1e-9 per entry,
+    # ~1e-4 of the norm); merged into zeros here, ours has none
     pins = json.loads((SD_SCRIPTS / "merge_model_pins.json").read_text())["modules"]
     a = load_network(real_lora_dir / "sd15_lora.safetensors")
     b = load_network(real_lora_dir / "sd15_locon.safetensors")
     assert set(pins) == set(b.modules)
     for name, pin in pins.items():
         parts = [t for net, s in ((a, 0.7), (b, -0.4)) if name in net.modules for t in terms(net, name, s)]
-        assert math.sqrt(_inner(parts, parts)) == pytest.approx(pin["fro"], rel=1e-3), name
+        assert math.sqrt(_inner(parts, parts)) == pytest.approx(pin["fro"], rel=3e-4), name
 
     chosen = ["lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_down_blocks_0_attentions_0_proj_in",
               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -103,11 +103,11 @@ def test_same_changes_as_sd_scripts_merge_into_a_full_size_sd15(real_lora_dir, t
     loras = (LoraInput(str(real_lora_dir / "sd15_lora.safetensors"), 0.7),
              LoraInput(str(real_lora_dir / "sd15_locon.safetensors"), -0.4))
     result = merge_into_model(MergeModelRequest(str(src), loras, str(out)))
-    assert result.applied == {"sd15_lora": 4, "sd15_locon": 6} and len(result.unmatched["sd15_locon"]) == 344
+    assert result.applied == {"sd15_lora": 3, "sd15_locon": 6} and len(result.unmatched["sd15_locon"]) == 344
     with TensorReader(out) as reader:
         for name in chosen:
             change = reader.read(targets[name].key).reshape(targets[name].shape[0], -1)
-            assert float(change.norm()) == pytest.approx(pins[name]["fro"], rel=1e-3), name
+            assert float(change.norm()) == pytest.approx(pins[name]["fro"], rel=3e-4), name
             wanted = torch.tensor(pins[name]["corner"]).reshape(4, 4)
             assert torch.allclose(change[:4, :4], wanted, rtol=1e-3, atol=1e-8), name
 
