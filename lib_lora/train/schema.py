@@ -67,6 +67,14 @@ def _choices() -> dict[str, tuple[str, ...]]:
             NETWORK_ARG + "algo": tc.LYCORIS_ALGOS, NETWORK_ARG + "preset": tc.LYCORIS_PRESETS}
 
 
+def _text(value: Any) -> str:
+    """A value as typed in a text field: 5.0 reads "5", 0.0001 stays "0.0001"."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """One form field: an engine option (or a `network_args` item), its type, default, choices and help."""
@@ -103,9 +111,9 @@ class OptionSpec:
         if isinstance(value, tuple) and len(value) == 2 and value[0] == value[1] and self.name == "resolution":
             return str(value[0])
         if isinstance(value, (tuple, list)):
-            return ",".join(str(v) for v in value) if all(not isinstance(v, str) for v in value) else \
-                " ".join(str(v) for v in value)
-        return str(value)
+            return ",".join(_text(v) for v in value) if all(not isinstance(v, str) for v in value) else \
+                " ".join(_text(v) for v in value)
+        return _text(value)
 
     def is_default(self, value: Any) -> bool:
         if value in (None, ""):

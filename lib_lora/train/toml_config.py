@@ -105,6 +105,7 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     **{k: (Any, default, reason) for k, (default, reason) in DATASET_UNSUPPORTED.items()},
 }
 ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
+EMBEDDED_MODEL = "embedded"  # pretrained_model_name_or_path of the shipped tiny model (train.run.EMBEDDED)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,9 @@ def convert_options(raw: Mapping[str, Any], *, base_dir: Path | None, notes: lis
         elif key in ("network_args", "optimizer_args") and isinstance(value, Mapping):
             typed[key] = dict(value)  # a TOML table: already typed
         else:
-            typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=base_dir)
+            # "embedded" names the shipped model, not a file beside the TOML
+            embedded = key == "pretrained_model_name_or_path" and str(value).strip() == EMBEDDED_MODEL
+            typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=None if embedded else base_dir)
     return typed
 
 
