@@ -25,18 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_lora", description="LoRA Studio command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # No abbreviations: `train` passes every option it does not know itself on as an sd-scripts override,
+        # and `--conf` silently meaning `--config` there would be a trap.
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
+    if getattr(module, "TAKES_OVERRIDES", False):
+        # sd-scripts' options anywhere on the line (`train --config run.toml --max_train_steps 10`); a `--`
+        # separator is tolerated, as older docs wrote it.
+        args.overrides = [t for t in extra if t != "--"]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(module.run(args) or 0)
     except LibLoraError as exc:

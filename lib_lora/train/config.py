@@ -310,6 +310,7 @@ class SamplingConfig:
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
     sample_prompts: Path | None = None
+    sample_prompt_text: str | None = None  # ours: prompts typed directly, one per line (sd-scripts' line syntax)
     sample_sampler: str = "ddim"
     sample_at_first: bool = False
 
@@ -317,14 +318,20 @@ class SamplingConfig:
         check_positive("sample_every_n_steps", self.sample_every_n_steps)
         check_positive("sample_every_n_epochs", self.sample_every_n_epochs)
         check_choice("sample_sampler", self.sample_sampler, SAMPLE_SAMPLERS)
+        check(self.sample_prompts is None or self.sample_prompt_text is None, "sample_prompt_text",
+              self.sample_prompt_text, "give either a prompt file (sample_prompts) or prompt text, not both")
         wants = self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first
-        check(not wants or self.sample_prompts is not None, "sample_prompts", None,
+        check(not wants or self.has_prompts, "sample_prompts", None,
               "sample_every_n_steps/epochs or sample_at_first is set, but no prompt file is given")
 
     @property
+    def has_prompts(self) -> bool:
+        return self.sample_prompts is not None or bool(self.sample_prompt_text)
+
+    @property
     def enabled(self) -> bool:
-        return self.sample_prompts is not None and bool(
-            self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first)
+        return self.has_prompts and bool(self.sample_every_n_steps or self.sample_every_n_epochs or
+                                         self.sample_at_first)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,6 +345,7 @@ class LossConfig:
     debiased_estimation_loss: bool = False
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
     multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
     masked_loss: bool = False
@@ -349,6 +357,8 @@ class LossConfig:
         check_positive("min_snr_gamma", self.min_snr_gamma)
         check_positive("v_pred_like_loss", self.v_pred_like_loss, allow_zero=True)
         check_positive("noise_offset", self.noise_offset, allow_zero=True)
+        check(self.adaptive_noise_scale is None or bool(self.noise_offset), "adaptive_noise_scale",
+              self.adaptive_noise_scale, "needs noise_offset (it scales the offset by each latent's mean)")
         check_positive("multires_noise_iterations", self.multires_noise_iterations)
         check_fraction("multires_noise_discount", self.multires_noise_discount, inclusive_one=True)
         lo, hi = self.min_timestep or 0, 1000 if self.max_timestep is None else self.max_timestep

@@ -22,6 +22,7 @@ from typing import Any
 
 from lib_lora.errors import ConfigError, FileFormatError
 from lib_lora.train import config as tc
+from lib_lora.train import gui_keys
 
 # dims_by_block, lr_weights_by_block and BlockRank are re-exported: they were defined here before `blockwise`.
 from lib_lora.train.blockwise import BlockRank, BlockwiseConfig, dims_by_block, lr_weights_by_block  # noqa: F401
@@ -88,7 +89,6 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "zero_terminal_snr": (bool, False, "zero terminal SNR is not implemented"),
     "ip_noise_gamma": (float | None, None, "input perturbation noise is not implemented"),
     "ip_noise_gamma_random_strength": (bool, False, "input perturbation noise is not implemented"),
-    "adaptive_noise_scale": (float | None, None, "adaptive noise scale is not implemented"),
     "loss_type": (str, "l2", "only the l2 loss is implemented"),
     "huber_schedule": (str, "snr", "only the l2 loss is implemented"),
     "huber_c": (float, 0.1, "only the l2 loss is implemented"),
@@ -105,7 +105,7 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     **{k: (Any, default, reason) for k, (default, reason) in DATASET_UNSUPPORTED.items()},
 }
 ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
-EMBEDDED_MODEL = "embedded"  # pretrained_model_name_or_path of the shipped tiny model (train.run.EMBEDDED)
+EMBEDDED = "embedded"  # pretrained_model_name_or_path naming the shipped tiny model
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,8 @@ def _option_table() -> dict[str, Option]:
         if name not in ("batch_size", "num_repeats"):  # the run's names are train_batch_size / folder names
             add(name, "dataset", hint)
     for name, hint in (("network_args", tuple[str, ...]), ("optimizer_args", tuple[str, ...]),
-                       ("use_8bit_adam", bool), ("use_lion_optimizer", bool), ("caption_extention", str)):
+                       ("use_8bit_adam", bool), ("use_lion_optimizer", bool), ("caption_extention", str),
+                       ("epoch", int), ("noise_offset_type", str)):
         add(name, "special", hint)
     return table
 
@@ -217,8 +218,8 @@ def _is_list(hint: Any) -> bool:
 
 def _override_value(key: str, values: list[str]) -> Any:
     name = ALIASES.get(key, key)
-    if name not in OPTIONS and name not in UNSUPPORTED:
-        return values[0] if len(values) == 1 else values  # unknown: convert_options names it
+    if name not in OPTIONS and name not in UNSUPPORTED:  # no-effect or unknown (convert_options names it)
+        return True if not values else values[0] if len(values) == 1 else values
     hint = OPTIONS[name].hint if name in OPTIONS else UNSUPPORTED[name][0]
     if hint is bool:
         if len(values) > 1:
@@ -240,9 +241,18 @@ def convert_options(raw: Mapping[str, Any], *, base_dir: Path | None, notes: lis
         hints = ", ".join(f"'{k}'{suggest(k, known_names())}" for k in unknown)
         raise ConfigError(unknown[0], raw[unknown[0]], f"unknown option ({hints})")
     typed: dict[str, Any] = {}
+    unset = []
     for key, value in raw.items():
         key = ALIASES.get(key, key)
-        if key in NO_EFFECT:
+        if gui_keys.is_placeholder(key, value, _hint(key)):
+            unset.append(key)
+        elif key == "pretrained_model_name_or_path" and isinstance(value, str) and value.strip() == EMBEDDED:
+            typed[key] = Path(EMBEDDED)  # the shipped model, not a file beside the TOML
+        elif key == "sample_prompts" and _is_prompt_text(value, base_dir):
+            typed["sample_prompt_text"] = value
+            notes.append("sample_prompts holds prompt text, not a file: used as the prompt (as the kohya_ss GUI "
+                         "does)")
+        elif key in NO_EFFECT:
             notes.append(f"{key}: accepted, no effect here ({NO_EFFECT[key]})")
         elif key in UNSUPPORTED:
             hint, default, reason = UNSUPPORTED[key]
@@ -251,10 +261,27 @@ def convert_options(raw: Mapping[str, Any], *, base_dir: Path | None, notes: lis
         elif key in ("network_args", "optimizer_args") and isinstance(value, Mapping):
             typed[key] = dict(value)  # a TOML table: already typed
         else:
-            # "embedded" names the shipped model, not a file beside the TOML
-            embedded = key == "pretrained_model_name_or_path" and str(value).strip() == EMBEDDED_MODEL
-            typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=None if embedded else base_dir)
+            typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=base_dir)
+    if unset:
+        notes.append(f"left unset (empty, false or 0, as the kohya_ss GUI writes unset fields): {', '.join(unset)}")
     return typed
+
+
+def _hint(name: str) -> Any:
+    if name in OPTIONS:
+        return OPTIONS[name].hint
+    return UNSUPPORTED[name][0] if name in UNSUPPORTED else Any
+
+
+def _is_prompt_text(value: Any, base_dir: Path | None) -> bool:
+    """A `sample_prompts` value that is prompt text (the GUI's text box), not a path: no such file, no folder
+    separator, no prompt-file suffix."""
+    if not isinstance(value, str) or any(sep in value for sep in "/\\"):
+        return False
+    text = value.strip()
+    if Path(text).suffix.lower() in (".txt", ".toml", ".json"):
+        return False
+    return not (base_dir / text if base_dir else Path(text)).exists()
 
 
 # ---------------------------------------------------------------------------------------------------- args
@@ -341,6 +368,7 @@ def _datasets(opts: dict[str, Any], dataset_doc: Mapping[str, Any] | None, datas
         raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders) or "
                           "dataset_config (a dataset TOML)")
     notes.extend(extra)
+    notes.extend(dict.fromkeys(note for ds in datasets for note in ds.adjustments))
     return datasets
 
 
@@ -356,6 +384,11 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
         notes: notes gathered so far (no-effect options); more are added.
     """
     opts, notes = dict(options), list(notes)
+    gui_keys.apply_epoch(opts, notes)
+    gui_keys.check_noise_offset_type(opts, notes)
+    if opts.get("caption_extension") == gui_keys.NO_CAPTION_EXTENSION:
+        notes.append(f"caption_extension = {gui_keys.NO_CAPTION_EXTENSION!r} (kohya_ss GUI): no caption files; "
+                     "each image's caption is its folder's class token")
     _legacy_optimizer_flags(opts)
     parsed = parse_network_args(opts.pop("network_args", ()))
     _merge_network_extras(opts, parsed)
@@ -447,7 +480,8 @@ def training_metadata(cfg: TrainConfig) -> dict[str, str]:
         "ss_clip_skip": cfg.model.clip_skip, "ss_max_token_length": cfg.model.max_token_length,
         "ss_cache_latents": data.caches_latents, "ss_seed": run.seed, "ss_lowram": False,
         "ss_noise_offset": loss.noise_offset, "ss_multires_noise_iterations": loss.multires_noise_iterations,
-        "ss_multires_noise_discount": loss.multires_noise_discount, "ss_adaptive_noise_scale": None,
+        "ss_multires_noise_discount": loss.multires_noise_discount,
+        "ss_adaptive_noise_scale": loss.adaptive_noise_scale,
         "ss_zero_terminal_snr": False, "ss_training_comment": cfg.output.training_comment,
         "ss_max_grad_norm": opt.max_grad_norm, "ss_caption_dropout_rate": sub.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": sub.caption_dropout_every_n_epochs,

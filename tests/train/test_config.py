@@ -240,7 +240,7 @@ def test_unknown_key_names_the_closest(guide_dirs):
     ('optimizer_type = "Adam9bit"', "optimizer_type", "unknown optimizer; known: AdamW, AdamW8bit"),
     ("network_dropout = 1.5", "network_dropout", "must be in"),
     ("lr_warmup_steps = 1.5", "lr_warmup_steps", "ratio"),
-    ("clip_skip = 0", "clip_skip", "1..12"),
+    ("clip_skip = 13", "clip_skip", "1..12"),
     ("full_fp16 = true", "full_fp16", "not supported here"),
     ('save_model_as = "ckpt"', "save_model_as", "only 'safetensors'"),
     ("network_train_unet_only = true\nnetwork_train_text_encoder_only = true", "network_train_text_encoder_only",

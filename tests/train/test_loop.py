@@ -262,13 +262,18 @@ def test_repeated_captions_share_one_encoding_only_without_text_encoder_dropout(
 
 def test_batched_deltas_train_the_same_network_as_module_by_module(tmp_path, monkeypatch):
     """The loop computes the ΔW of same-shaped small modules in one batched product per pass: the trained file is
-    the one the module-by-module path gives (AdamW with weight decay, clip skip 2 so the last text-encoder layer's
-    modules get no gradient and must stay untouched, gradient accumulation over two micro-batches)."""
+    the one the module-by-module path gives (weight decay on, clip skip 2 so the last text-encoder layer's modules
+    get no gradient and must stay untouched, gradient accumulation over two micro-batches).
+
+    SGD, not Adam: the two paths round gradients differently in the last bits, and Adam's normalised step turns a
+    rounding-sized difference in a near-zero gradient into a difference of up to 2·lr; SGD keeps it rounding-sized,
+    so the comparison can be tight on any CPU."""
     from lib_lora.networks import lora
     from lib_lora.train import network
 
     options = dict(network_dim=16, network_alpha=8, max_train_steps=3, clip_skip=2, gradient_accumulation_steps=2,
-                   optimizer_args=["weight_decay=0.1"], divergence_guard=False)
+                   optimizer_type="SGDNesterov", learning_rate=0.5, optimizer_args=["weight_decay=0.1"],
+                   divergence_guard=False)
     used = []
     shared = lora.shared_deltas
 
@@ -283,8 +288,11 @@ def test_batched_deltas_train_the_same_network_as_module_by_module(tmp_path, mon
     alone = train(load_config(_setup(tmp_path / "single", **options)), model=tiny_model()).final_file
     got, expected = load_file(batched).tensors, load_file(alone).tensors
     assert got.keys() == expected.keys()
+    moved = 0
     for key in expected:
-        # Adam turns rounding-sized gradient differences into ~1e-6 steps; a decayed weight would be off by ~3e-5
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=2e-6, msg=key)
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
         if "layers_11_" in key:  # no gradient, no optimizer step, in both
             assert torch.equal(got[key], expected[key]), key
+        elif key.endswith("lora_up.weight"):  # zero at the start: the steps moved it well past the tolerance
+            moved += int(expected[key].abs().max() > 1e-4)
+    assert moved > len(expected) // 6, moved  # of the ~260 modules (3 tensors each), most moved

@@ -80,10 +80,10 @@ class DatasetOptions:
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         w, h = self.resolution
-        check(w >= 8 and h >= 8 and w % 8 == 0 and h % 8 == 0, "resolution", self.resolution,
-              "width and height must be multiples of 8 (the VAE's downscale factor), at least 8")
-        check(self.bucket_reso_steps >= 8 and self.bucket_reso_steps % 8 == 0, "bucket_reso_steps",
-              self.bucket_reso_steps, "must be a positive multiple of 8 (sd-scripts uses 64)")
+        check(w >= 8 and h >= 8, "resolution", self.resolution, "width and height must be at least 8")
+        check(self.bucket_reso_steps >= 1, "bucket_reso_steps", self.bucket_reso_steps, "must be >= 1")
+        self._round_to_vae_grid()
+        w, h = self.resolution
         check_positive("min_bucket_reso", self.min_bucket_reso)
         check(self.max_bucket_reso >= self.min_bucket_reso, "max_bucket_reso", self.max_bucket_reso,
               f"must be >= min_bucket_reso ({self.min_bucket_reso})")
@@ -91,6 +91,30 @@ class DatasetOptions:
             check(self.max_bucket_reso >= max(w, h), "max_bucket_reso", self.max_bucket_reso,
                   f"must be >= the largest side of resolution {self.resolution}")
         check_fraction("validation_split", self.validation_split)
+
+    def _round_to_vae_grid(self) -> None:
+        """Image sides must be multiples of 8 (the VAE's downscale factor). sd-scripts lets other values through
+        for SD1/SD2 (kohya_ss presets carry 512x650 and bucket_reso_steps = 1), and the U-Net then sees latents of
+        odd sizes; here they are rounded to the grid, and `adjustments` says so at the start of the run."""
+        notes = []
+        w, h = self.resolution
+        if (w % 8 or h % 8) and not self.enable_bucket:
+            rounded = (w - w % 8, h - h % 8)
+            notes.append(f"resolution {w},{h}: sides must be multiples of 8, images are made {rounded[0]}x"
+                         f"{rounded[1]}")
+            object.__setattr__(self, "resolution", rounded)
+        steps = self.bucket_reso_steps
+        if steps % 8:
+            rounded_steps = steps + 8 - steps % 8
+            notes.append(f"bucket_reso_steps {steps}: bucket sides must be multiples of 8, using {rounded_steps}")
+            object.__setattr__(self, "bucket_reso_steps", rounded_steps)
+        # Not a dataclass field (the option table is built from the fields): read through `adjustments`.
+        object.__setattr__(self, "_adjustments", tuple(notes))
+
+    @property
+    def adjustments(self) -> tuple[str, ...]:
+        """What `__post_init__` rounded, for the notes shown at the start of a run."""
+        return getattr(self, "_adjustments", ())
 
 
 @dataclass(frozen=True, kw_only=True)
