@@ -21,7 +21,7 @@ gr = pytest.importorskip("gradio")
 
 from lib_lora.app import build_app  # noqa: E402  (after the gradio check)
 from lib_lora.ui import TABS  # noqa: E402
-from lib_lora.ui.train_form import PROMPTS_FIELD, elem_id  # noqa: E402
+from lib_lora.ui.train_form import PROMPTS_FIELD, field_id  # noqa: E402
 from lib_lora.ui.train_tab import TrainTab  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def test_tabs_registered_and_the_form_holds_every_option(app):
     assert list(TABS) == ["generate", "train", "xy", "tools"] and set(app.tabs) == set(TABS)
     train = app.tabs["train"]
     assert set(train.form.fields) == {s.name for s in option_specs()}
-    assert train.form.fields["network_dim"].elem_id == elem_id("network_dim")
+    assert train.form.fields["network_dim"].elem_id == field_id("network_dim")
 
 
 def test_a_new_engine_option_is_a_field_without_ui_code(fake, monkeypatch):

@@ -24,7 +24,13 @@ PROMPTS_FIELD = "sample prompts (typed)"
 
 
 def elem_id(name: str) -> str:
+    """Element id of a control of the training tab."""
     return "lora_studio_train_" + name.replace(".", "_")
+
+
+def field_id(name: str) -> str:
+    """Element id of an option's field (its own namespace: options such as `resume` share names with buttons)."""
+    return "lora_studio_opt_" + name.replace(".", "_")
 
 
 def _info(spec: OptionSpec) -> str:
@@ -34,7 +40,7 @@ def _info(spec: OptionSpec) -> str:
 
 
 def _component(spec: OptionSpec, value: Any):
-    common = {"label": spec.name, "info": _info(spec), "elem_id": elem_id(spec.name)}
+    common = {"label": spec.name, "info": _info(spec), "elem_id": field_id(spec.name)}
     if spec.widget == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if spec.widget == "choice":
