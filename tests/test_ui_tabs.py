@@ -226,3 +226,21 @@ def test_the_uis_run_equals_the_clis_run_of_the_saved_toml(real_host, tmp_path):
     assert {k: v for k, v in ui.metadata.items() if k not in varying} == \
         {k: v for k, v in cli_file.metadata.items() if k not in varying}
     assert dataclasses.is_dataclass(view) and "ui" in real_host.lora_library().names()
+
+
+def test_sample_dataset_button_fills_the_form_for_a_first_run(app, fake):
+    from lib_lora.train.preview import preview_dataset
+    from lib_lora.train.schema import config_from_form
+
+    tab = app.tabs["train"]
+    out = tab.on_sample_dataset()
+    assert "wrote 12 images" in out[tab.status] and "trigger word 'sks'" in out[tab.status]
+    folder = Path(out[tab.form.fields["train_data_dir"]]["value"])
+    assert sorted(p.name for p in folder.iterdir()) == ["10_sks"] and len(list(folder.rglob("*.png"))) == 12
+    values = {**tab.form.initial_values(), **{name: out[c]["value"] for name, c in tab.form.fields.items()
+                                              if c in out}, PROMPTS_FIELD: out[tab.form.prompts]}
+    preview = preview_dataset(config_from_form(tab.form.engine_values(values)))
+    assert preview.ok and preview.samples_per_epoch == 120 and preview.total_steps == 150
+    assert "sks" in (folder / "10_sks" / "000.txt").read_text()
+    second = tab.on_sample_dataset()
+    assert Path(second[tab.form.fields["train_data_dir"]]["value"]) != folder  # never overwrites

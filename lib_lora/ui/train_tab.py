@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from lib_lora.errors import LibLoraError
+from lib_lora.sd.sample_dataset import write_sample_dataset
 from lib_lora.train.form_toml import form_from_toml, toml_from_form
 from lib_lora.train.preview import DatasetPreview, preview_dataset
 from lib_lora.train.runs import Estimate, RunView, format_duration
@@ -22,6 +23,10 @@ from lib_lora.ui.train_form import PROMPTS_FIELD, TrainForm, elem_id
 
 POLL_SECONDS = 1.0
 SHOWN_SAMPLES = 8
+# A first run on the sample dataset: about a minute on a CPU with the embedded model.
+SAMPLE_RUN = {"output_name": "my-first-lora", "caption_extension": ".txt", "resolution": "64", "max_train_steps": 150,
+              "train_batch_size": 4, "learning_rate": 1e-3, "network_dim": 8, "network_alpha": 8,
+              "sample_every_n_steps": "50", "sample_prompts": "", "seed": "3"}
 
 
 def preview_html(preview: DatasetPreview, estimate: Estimate | None) -> str:
@@ -62,7 +67,7 @@ class TrainTab:
         self.form = TrainForm(host)
         self.load_path = self.dataset_path = self.upload = self.load_button = None
         self.save_path = self.save_button = self.status = None
-        self.preview_button = self.measure_button = self.preview = None
+        self.preview_button = self.measure_button = self.preview = self.sample_button = None
         self.start_button = self.stop_button = self.resume_button = self.resume_from = None
         self.progress = self.chart = self.samples = self.log = self.queue = self.result = self.seen = None
 
@@ -83,6 +88,8 @@ class TrainTab:
         self.status = gr.Markdown("", elem_id=elem_id("status"))
         self.form.build()
         with gr.Row():
+            self.sample_button = gr.Button("Create a sample dataset (for the embedded model)",
+                                           elem_id=elem_id("sample_dataset"))
             self.preview_button = gr.Button("Preview dataset", elem_id=elem_id("preview_button"))
             self.measure_button = gr.Button("Measure speed (warm-up)", elem_id=elem_id("measure"))
         self.preview = gr.HTML("", elem_id=elem_id("preview"))
@@ -117,6 +124,7 @@ class TrainTab:
         self.load_button.click(self.on_load, inputs={self.load_path, self.dataset_path, self.upload, *fields},
                                outputs=[*fields, self.status])
         self.save_button.click(self.on_save, inputs={self.save_path, *fields}, outputs=[*labels, self.status])
+        self.sample_button.click(self.on_sample_dataset, inputs=None, outputs=[*fields, self.status])
         self.preview_button.click(self.on_preview, inputs=set(fields), outputs=[*labels, self.status, self.preview])
         self.measure_button.click(self.on_measure, inputs=set(fields), outputs=[*labels, self.status, self.preview])
         self.start_button.click(self.on_start, inputs=set(fields), outputs=[*labels, self.status])
@@ -187,6 +195,21 @@ class TrainTab:
         except LibLoraError as exc:
             return {**labels, self.status: message(str(exc), "error")}
         return {**labels, self.status: "", self.preview: preview_html(preview, estimate)}
+
+    def on_sample_dataset(self) -> dict:
+        """Write a small kohya folder of the embedded model's world and fill the form for a first run with it."""
+        root = Path(self.host.settings_dir()) / "datasets"
+        n = 1
+        while (root / f"sample-sks-{n}").exists():
+            n += 1
+        try:
+            made = write_sample_dataset(root / f"sample-sks-{n}", "pink")
+        except LibLoraError as exc:
+            return {self.status: message(str(exc), "error")}
+        values = {**SAMPLE_RUN, "train_data_dir": str(made.folder), PROMPTS_FIELD: f"{made.prompt} --s 20 --d 1"}
+        text = (f"wrote {made.images} images to {made.folder} (trigger word '{made.trigger}'); the form is set for a "
+                f"first run: press Start, then try `{made.prompt} <lora:{SAMPLE_RUN['output_name']}:1>` in Generate")
+        return {**self.form.fill(values), self.status: message(text)}
 
     def on_load(self, data: dict) -> dict:
         """Fill the form from a run TOML (typed path or upload), then show what the engine says about it."""
