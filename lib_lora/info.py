@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from lib_lora import blocks
 from lib_lora.io import addnet_hash, load_state_dict, short_hash
 from lib_lora.networks import LoadedNetwork, load_network
+from lib_lora.networks.oft import OFTModule
 from lib_lora.types import Arch
 
 TAG_FREQUENCY_TOP = 10
@@ -34,6 +35,9 @@ class NetworkInfo:
     computed_hash: str | None
     short_hash: str | None
     unmatched_keys: list[str] = field(default_factory=list)
+    # OFT only (rank is then its number of blocks, alpha its constraint): rows per block, and the constraint
+    block_size: int | dict[str, int] | None = None
+    constraint: float | dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -76,7 +80,8 @@ def describe(path: str | os.PathLike, network: LoadedNetwork | None = None) -> N
     net = network or load_network(loaded)
     arch = net.arch
     ranks = [float(m.rank) for m in net.modules.values() if m.rank]
-    alphas = [float(m.alpha) for m in net.modules.values() if m.alpha is not None]
+    alphas = [float(m.alpha) for m in net.modules.values() if m.alpha is not None and m.alpha_is_scale]
+    oft = [m for m in net.modules.values() if isinstance(m, OFTModule)]
     ids = {blocks.block_of(name, arch) for name in net.modules}
     order = blocks.arch_block_ids(arch) if arch is Arch.SDXL else blocks.BLOCK_IDS_26
     algos = net.algorithms()
@@ -102,6 +107,8 @@ def describe(path: str | os.PathLike, network: LoadedNetwork | None = None) -> N
         computed_hash=computed,
         short_hash=short_hash(computed or stored) if (computed or stored) else None,
         unmatched_keys=net.unmatched_keys,
+        block_size=_span([float(m.block_size) for m in oft], True),
+        constraint=_span([m.constraint for m in oft], False),
     )
 
 
@@ -119,8 +126,11 @@ def format_text(info: NetworkInfo) -> str:
         f"file:        {info.path}",
         f"name:        {info.name}",
         f"algorithm:   {', '.join(info.algorithms)}",
-        f"rank:        {_fmt_span(info.rank)}",
+        f"rank:        {_fmt_span(info.rank)}" + (" (OFT: number of blocks)" if info.block_size is not None else ""),
         f"alpha:       {_fmt_span(info.alpha)}",
+        *([f"block size:  {_fmt_span(info.block_size)}",
+           f"constraint:  {_fmt_span(info.constraint)}" + (" (none)" if info.constraint == 0 else "")]
+          if info.block_size is not None else []),
         f"arch:        {info.arch} ({info.arch_reason})",
         "modules:     " + ", ".join(f"{k} {v}" for k, v in info.modules.items()),
         f"blocks:      {' '.join(info.blocks)}",

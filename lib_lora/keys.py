@@ -276,6 +276,7 @@ def compvis_path(name: str, arch: Arch) -> tuple[Component, str]:
 # ------------------------------------------------------------------------------------- file keys
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_OFT_PREFIX = "oft_unet_"
 # diffusers / PEFT component prefixes -> component (SDXL's first encoder is te1)
 _DIFFUSERS_COMPONENTS = {"unet": Component.UNET, "text_encoder": Component.TE, "text_encoder_2": Component.TE2}
 # tails that carry LoRA tensors in diffusers / PEFT spellings -> kohya suffix
@@ -308,7 +309,7 @@ class FileKey:
     key: str
     module: str
     suffix: str
-    spelling: str  # 'kohya' | 'peft'
+    spelling: str  # 'kohya' | 'peft' | 'kohya-oft'
 
 
 def parse_file_key(key: str, arch: Arch) -> FileKey | None:
@@ -322,6 +323,10 @@ def parse_file_key(key: str, arch: Arch) -> FileKey | None:
     if key.startswith(KOHYA_PREFIXES):
         module, sep, suffix = key.partition(".")
         return FileKey(key, module, suffix, "kohya") if sep and suffix else None
+    if key.startswith(KOHYA_OFT_PREFIX):  # sd-scripts' networks.oft names its U-Net modules oft_unet_*
+        module, sep, suffix = key.partition(".")
+        return FileKey(key, "lora_unet_" + module.removeprefix(KOHYA_OFT_PREFIX), suffix, "kohya-oft") \
+            if sep and suffix else None
     body = key.removeprefix("base_model.model.")
     comp_name, _, rest = body.partition(".")
     comp = _DIFFUSERS_COMPONENTS.get(comp_name)

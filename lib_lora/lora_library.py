@@ -30,6 +30,7 @@ _RANK_TENSOR = {
     "lora": ("lora_down.weight", 0),
     "loha": ("hada_w1_b", 0),
     "lokr": ("lokr_w2_b", 0),
+    "diag-oft": ("oft_blocks", 0),  # the number of blocks (A1111's dim)
 }
 # Metadata keys from which the architecture a LoRA was trained for is declared rather than guessed.
 _ARCH_METADATA = ("ss_base_model_version", "modelspec.architecture", "ss_v2")

@@ -292,8 +292,8 @@ def test_generate_cli_same_code_path(checkpoint, lora_dir, tmp_path, capsys, run
     out = tmp_path / "img.png"
     prompt = "a red circle <lora:style:1:lbw=OUTS>"
     code = cli_main(["generate", "--model", str(checkpoint), "--prompt", prompt, "--seed", "11", "--steps",
-                     str(STEPS), "--lora-dir", str(lora_dir), "--outputs", str(tmp_path / "outputs"), "--out", str(out),
-                     "--no-progress"])
+                     str(STEPS), "--lora-dir", str(lora_dir), "--outputs", str(tmp_path / "outputs"),
+                     "--out", str(out), "--no-progress"])
     assert code == 0
     # The path: the app's engine, called once with what the app would pass for these fields.
     ((params, root),) = calls

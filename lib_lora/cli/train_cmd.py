@@ -82,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
     from lib_lora.train.toml_config import load_config
 
     cfg = load_config(args.config, args.dataset_config, args.overrides)
+    if cfg.data.debug_dataset:  # sd-scripts: show the dataset, then exit without training
+        from lib_lora.train.data.summary import debug_report
+
+        seed = cfg.run.seed if cfg.run.seed is not None else 0
+        print(debug_report(cfg.data, seed, prior_loss_weight=cfg.loss.prior_loss_weight))
+        return 0
     stop = StopOnSignal()
     uninstall = stop.install()
     main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher only rank 0 talks

@@ -52,13 +52,13 @@ def _use_fast_attention(model: SDModel) -> None:
 
 
 def load_model_source(source: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SDModel:
-    """Load "embedded" (models/tiny-sd1) or a single-file checkpoint (SD1/SD2/SDXL `.safetensors`).
+    """Load "embedded" (models/tiny-sd1), a diffusers folder or a single-file checkpoint (SD1/SD2/SDXL).
 
     Raises:
         FileFormatError: missing, truncated or unrecognised file, naming it and what to do.
     """
     from lib_lora.sd import embedded
-    from lib_lora.sd.checkpoint import load_checkpoint
+    from lib_lora.sd.loading import load_model
 
     source = (source or EMBEDDED).strip()
     if source == EMBEDDED:
@@ -69,13 +69,10 @@ def load_model_source(source: str, device: torch.device | str = "cpu", dtype: to
             raise FileFormatError(str(folder), f"the embedded model could not be loaded ({exc}); build it with "
                                                "`python tools/build_tiny_model.py`, or start with --model "
                                                "PATH.safetensors") from None
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileFormatError(str(path), "model file not found" if not path.exists() else "not a file")
     try:
-        return load_checkpoint(path, device=device, dtype=dtype)
+        return load_model(source, device=device, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise FileFormatError(str(path), f"cannot load this checkpoint: {exc}") from None
+        raise FileFormatError(source, f"cannot load this model: {exc}") from None
 
 
 class StandaloneHost:

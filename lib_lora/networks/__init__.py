@@ -17,7 +17,7 @@ from torch import Tensor
 from lib_lora import keys
 from lib_lora.errors import FileFormatError
 from lib_lora.io import LoadedFile, load_state_dict
-from lib_lora.networks import full, ia3, loha, lokr, lora  # noqa: F401  (registration order = detection order)
+from lib_lora.networks import full, ia3, loha, lokr, lora, oft  # noqa: F401  (registration order = detection order)
 from lib_lora.networks.base import LayerOp, NetworkModule
 from lib_lora.networks.registry import ALGORITHMS, detect, register
 from lib_lora.types import Arch, Component, component_of

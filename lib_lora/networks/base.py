@@ -73,6 +73,7 @@ class NetworkModule(nn.Module):
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file suffixes this algorithm reads (besides alpha, dora_scale)
     detect_names: ClassVar[tuple[str, ...]] = ()  # any of these present => this algorithm
     uses_alpha: ClassVar[bool] = True
+    alpha_is_scale: ClassVar[bool] = True  # alpha / rank scales ΔW (OFT stores its constraint under alpha instead)
 
     def __init__(self, name: str):
         super().__init__()
@@ -87,6 +88,8 @@ class NetworkModule(nn.Module):
         self.dropout = 0.0
         self.rank_dropout = 0.0
         self.module_dropout = 0.0
+        # training only (LyCORIS bypass_mode): always add the change to the layer's output, never rebuild the weight
+        self.bypass_only = False
 
     def lora_device(self) -> torch.device:
         """Device of the module's tensors (cpu when it has none)."""
@@ -182,6 +185,19 @@ class NetworkModule(nn.Module):
     def bias_delta(self) -> Tensor | None:
         return None
 
+    # -- scale_weight_norms (sd-scripts / LyCORIS max-norm regularisation) -------------------------
+
+    has_max_norm: ClassVar[bool] = False  # LyCORIS bounds no norm for IA3 and full
+
+    @torch.no_grad()
+    def max_norm_value(self) -> Tensor:
+        """The norm scale_weight_norms bounds: ‖ΔW‖ (scale included)."""
+        return self.delta(torch.zeros(self.delta_shape(), device=self.lora_device())).norm()
+
+    def scale_change_(self, ratio: float) -> None:
+        """Multiply `max_norm_value` by `ratio` in place (ratio < 1)."""
+        raise NotImplementedError(f"{self.algo} has no max-norm regularisation")
+
 
     def merged(self, w0: Tensor, multiplier: float) -> Tensor:
         """W' at `multiplier` in float32 (w0 is converted)."""
@@ -215,8 +231,10 @@ class NetworkModule(nn.Module):
         override it."""
         return None
 
-    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
-        """Layer output with this change applied, computed beside the frozen weight `w0`."""
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float,
+               b0: Tensor | None = None) -> Tensor:
+        """Layer output with this change applied, computed beside the frozen weight `w0` (and bias `b0`, which
+        algorithms acting on the layer's output rather than adding to it need)."""
         if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
             return base_out
         dw = self.merged(w0, multiplier) - _as_float(w0)

@@ -79,13 +79,19 @@ class Session:
 
 
 def _check_output_dir(cfg: TrainConfig) -> Path:
+    """The output folder, checked writable without creating it (a refused run leaves nothing behind); the loop
+    creates it when the run starts."""
     folder = cfg.output.output_dir
     if folder is None:
         raise ConfigError("output_dir", None, "is required: the folder where LoRA files are written")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("output_dir", str(folder), "is a file, not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError("output_dir", str(folder), f"{existing} is a file, so the folder cannot be made")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-", delete=True):
             pass
     except OSError as exc:
         raise ConfigError("output_dir", str(folder), f"cannot write there ({exc.strerror or exc})") from None
@@ -148,7 +154,11 @@ def prepare(cfg: TrainConfig, family: ModelFamily, model: ModelFacts, *, listene
     dist = dist or DistContext.detect()
     emit = Broadcaster(list(listeners))
     output_dir = _check_output_dir(cfg)
-    seed = cfg.run.seed if cfg.run.seed is not None else random.randint(0, 2**31 - 1)
+    seed = cfg.run.seed
+    if seed is None:
+        # a resumed run continues the data order and noise of the run it resumes: take that run's seed
+        resumed = checkpoint.read_state(Path(cfg.run.resume)) if cfg.run.resume is not None else None
+        seed = resumed.seed if resumed is not None else random.randint(0, 2**31 - 1)
     dataset = build_dataset(cfg.data, split="train", seed=seed, prior_loss_weight=cfg.loss.prior_loss_weight)
     validation = _validation_dataset(cfg, seed)
     prompts = _sample_prompts(cfg)
