@@ -101,10 +101,14 @@ def test_two_runs_started_at_once_are_queued_and_the_live_state_shows(app, fake,
     assert "run #2" in shown[tab.progress] and "step 5/5" in shown[tab.progress]
     assert "<polyline" in shown[tab.chart] and "guard rollback" in shown[tab.chart]
     assert len(shown[tab.samples]) == 1 and "second.safetensors" in shown[tab.result]
-    assert "in the Generate tab's LoRA browser" in shown[tab.result]
+    assert "in the Generate tab's LoRA browser (Refresh)" in shown[tab.result]
     assert tab.on_poll(shown[tab.seen])[tab.samples] == gr.update()  # images are sent only when new
     assert "second" in fake.library.names()  # the library was rescanned when the run ended
     assert tab.form.last_used()["output_name"] == "second"
+    with gr.Blocks():  # the app restarted: the form comes back with the values last used
+        again = TrainTab(fake)
+        again.build()
+    assert again.form.fields["output_name"].value == "second" and again.form.fields["max_train_steps"].value == 5
 
 
 def test_stop_and_resume_from_the_tab(app, fake, tmp_path):

@@ -178,3 +178,21 @@ def test_cancel_keeps_what_is_done_and_restores(host, model, tmp_path):
     assert result.cancelled and result.done == 2 and result.images[2] is None
     assert len(result.grid_paths) == 1 and "2 of 3 images" in result.summary()
     assert checksum(model.unet, *model.text_encoders) == before
+
+
+def test_a_z_axis_makes_one_grid_per_value(host, tmp_path):
+    from lib_lora.host import HostResult
+    from lib_lora.xy import series_of
+
+    made = []
+
+    def generate(params, progress=None):
+        made.append(params)
+        return HostResult([Image.new("RGB", (64, 64), (len(made) * 9, 0, 0))], [params.prompt], [params.seed])
+
+    plan = make_plan(base(), [AxisRequest("seed", "1-3"), AxisRequest(""), AxisRequest("cfg", "5, 9")], context(host))
+    result = run_plan(plan, series_of(generate), out_dir=tmp_path)
+    assert plan.shape == (3, 1, 2) and len(made) == 6 and len(result.grid_paths) == 2
+    assert [p.cfg_scale for p in made] == [5.0] * 3 + [9.0] * 3 and [p.seed for p in made[:3]] == [1, 2, 3]
+    assert all(layout.cols == 3 and layout.rows == 1 for layout in result.layouts)
+    assert result.grid_paths[0].name.endswith("-z0.png") and result.grid_paths[1].name.endswith("-z1.png")

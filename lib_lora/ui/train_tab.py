@@ -279,7 +279,7 @@ class TrainTab:
                 info = self.host.lora_info(Path(view.result_file).stem)
                 lines.append(f"**{html.escape(Path(view.result_file).name)}**: {html.escape(info.algorithm)}, rank "
                              f"{info.rank}, {html.escape(info.arch)}, short hash `{info.short_hash}`; in the Generate "
-                             f"tab's LoRA browser as `<lora:{html.escape(Path(view.result_file).stem)}:1>`")
+                             f"tab's LoRA browser (Refresh) as `<lora:{html.escape(Path(view.result_file).stem)}:1>`")
             except LibLoraError:
                 lines.append(f"file: `{html.escape(view.result_file)}` (outside the LoRA folder)")
         if view.resumable:
