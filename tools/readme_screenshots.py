@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        app_args = ["--model", "embedded", "--outputs", str(Path(tmp) / "outputs")]
+        loras = Path(tmp) / "loras"  # the shipped sample, and what the walk trains (the checkout stays clean)
+        loras.mkdir()
+        shutil.copyfile(ROOT / "models" / "Lora" / "sample-pastel.safetensors", loras / "sample-pastel.safetensors")
+        app_args = ["--model", "embedded", "--lora-dir", str(loras), "--outputs", str(Path(tmp) / "outputs")]
         with running_app(app_args, Path(tmp) / "app.log") as url, browser_page(url, width=1200, height=1600) as page:
             page.get_by_role("tab", name="Training").click()
             page.locator("#lora_studio_train_sample_dataset").click()

@@ -56,8 +56,9 @@ def loss_chart(view: RunView | None) -> str:
         lo, hi = lo - 0.5, hi + 0.5
     x_of = _scale(0, total, LEFT, WIDTH - RIGHT)
     y_of = _scale(lo, hi, HEIGHT - BOTTOM, TOP)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lora-studio-loss" width="{WIDTH}" '
-             f'height="{HEIGHT + LR_HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT + LR_HEIGHT}" font-family="sans-serif">']
+    # Scales to the column's width (viewBox), so it never overflows a narrow layout.
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lora-studio-loss" viewBox="0 0 {WIDTH} '
+             f'{HEIGHT + LR_HEIGHT}" style="width:100%;max-width:{WIDTH * 2}px;height:auto" font-family="sans-serif">']
     parts += _frame(LEFT, TOP, WIDTH - RIGHT, HEIGHT - BOTTOM, lo, hi, y_of)
     parts.append(f'<text x="{WIDTH - RIGHT}" y="{HEIGHT - 6}" font-size="10" text-anchor="end">step {view.step} / '
                  f'{total}</text>')
