@@ -1,6 +1,7 @@
 """X/Y plot cost on the embedded model: a 5x5 grid of LoRA TE strength x U-Net strength (0..1), 20 steps per image.
 
-Three ways to make the same 25 images, interleaved in each repeat and timed per image:
+Three ways to make the same 25 images, each on its own copy of the model, interleaved cell by cell (the order
+rotating), so a busy moment of a shared machine slows all three alike:
 - plain: the 25 generations without any LoRA (the reference: what the images cost by themselves);
 - full apply: each cell through the Generate path on its own (`generate_with_loras`: apply the LoRA, generate,
   restore), as a plot without a series mode would;
@@ -40,6 +41,7 @@ from lib_lora.xy import AxisContext, AxisRequest, Cell, make_plan  # noqa: E402
 from tests.helpers import checksum, make_network_file  # noqa: E402
 
 VALUES = "0-1 [5]"
+WAYS = ("plain", "full_apply", "series")
 
 
 def main() -> None:
@@ -50,57 +52,66 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    model, which = load_model()
-    targets = model_targets(model)
+    # One copy of the model per way, cells interleaved: a busy moment of the shared machine slows all three alike.
+    models = {}
+    for name in WAYS:
+        models[name], which = load_model()
     tmp = tempfile.TemporaryDirectory()
-    selected = targets.select(["attn", "te_attn", "te_mlp"])
+    selected = model_targets(models["plain"]).select(["attn", "te_attn", "te_mlp"])
     save_file(make_network_file(selected, "lora", rank=16, seed=0), Path(tmp.name) / "bench.safetensors")
-    library, patcher = LoraLibrary(tmp.name), WeightPatcher(targets)
-    original = checksum(model.unet, *model.text_encoders)
+    library = LoraLibrary(tmp.name)
+    patchers = {name: WeightPatcher(model_targets(m)) for name, m in models.items()}
+    originals = {name: checksum(m.unet, *m.text_encoders) for name, m in models.items()}
     base = Cell(GenerationParams("a red circle on a blue background", sampler="Euler a", steps=args.steps, seed=3),
                 "bench")
     plan = make_plan(base, [AxisRequest("te", VALUES), AxisRequest("unet", VALUES)], AxisContext(library, Arch.SD1))
     requests = [job.cell.request() for job in plan.jobs()]
-    plain_requests = [replace(r, prompt=base.params.prompt) for r in requests]
 
-    def plain() -> None:
-        for r in plain_requests:
-            generate_with_loras(model, r, library, patcher=patcher)
+    def cell(way: str, r: GenerationParams) -> None:
+        model, patcher = models[way], patchers[way]
+        if way == "plain":
+            generate_with_loras(model, replace(r, prompt=base.params.prompt), library, patcher=patcher)
+        else:
+            generate_with_loras(model, r, library, patcher=patcher, keep_applied=way == "series")
 
-    def full() -> None:
-        for r in requests:
-            generate_with_loras(model, r, library, patcher=patcher)
-
-    def series() -> None:
+    def one_plot() -> dict[str, list[float]]:
+        times: dict[str, list[float]] = {w: [] for w in WAYS}
         try:
-            for r in requests:
-                generate_with_loras(model, r, library, patcher=patcher, keep_applied=True)
+            for i, r in enumerate(requests):
+                for way in WAYS[i % 3:] + WAYS[: i % 3]:  # rotate who goes first
+                    t0 = time.perf_counter()
+                    cell(way, r)
+                    times[way].append(time.perf_counter() - t0)
         finally:
-            patcher.restore()
+            patchers["series"].restore()  # what generate_series does when its plot ends
+        return times
 
-    runs = {"plain": plain, "full_apply": full, "series": series}
-    series()  # warm-up: reads the file into the library's cache, first kernels
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    one_plot()  # warm-up: reads the file into the library's cache, first kernels
+    per_run = {w: [] for w in WAYS}
+    cell_ratios = {"series": [], "full_apply": []}
     for _ in range(args.repeat):
-        for name, fn in runs.items():  # interleaved: a slow moment of the machine hits all three
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) / len(requests))
-    assert checksum(model.unet, *model.text_encoders) == original, "the model must be restored exactly"
-    per_image = {k: statistics.median(v) for k, v in times.items()}
+        times = one_plot()
+        for w in WAYS:
+            per_run[w].append(sum(times[w]) / len(requests))
+        for w in cell_ratios:
+            cell_ratios[w] += [a / b for a, b in zip(times[w], times["plain"])]
+    for name, m in models.items():
+        assert checksum(m.unet, *m.text_encoders) == originals[name], "the model must be restored exactly"
+    per_image = {w: statistics.median(v) for w, v in per_run.items()}
     report("xy", {
         "model": which, "grid": "5x5 LoRA TE strength x U-Net strength", "steps": args.steps,
         "threads": args.threads, "repeat": args.repeat, "lora": f"rank 16, {len(selected)} modules",
-        "seconds_per_image": {k: round(v, 4) for k, v in per_image.items()},
-        "samples": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "seconds_per_image": {w: round(v, 4) for w, v in per_image.items()},
+        "runs": {w: [round(x, 4) for x in v] for w, v in per_run.items()},
         "series_vs_plain": round(per_image["series"] / per_image["plain"], 3),
         "full_apply_vs_plain": round(per_image["full_apply"] / per_image["plain"], 3),
+        "median_cell_ratio": {w: round(statistics.median(v), 3) for w, v in cell_ratios.items()},
         "target_series_vs_plain": 1.05,
-        **patch_costs(patcher, library),
+        **patch_costs(patchers["full_apply"], library, per_image["plain"]),
     })
 
 
-def patch_costs(patcher: WeightPatcher, library: LoraLibrary, repeat: int = 20) -> dict:
+def patch_costs(patcher: WeightPatcher, library: LoraLibrary, image_seconds: float, repeat: int = 20) -> dict:
     """Median seconds of a cell-to-cell re-patch (TE strength 0.5 -> 0.75, U-Net unchanged) and of a full
     apply + restore of the same LoRA."""
     network = library.load(library.find("bench"), Arch.SD1)
@@ -117,7 +128,8 @@ def patch_costs(patcher: WeightPatcher, library: LoraLibrary, repeat: int = 20) 
         full.append(time.perf_counter() - t0)
     a, b = statistics.median(step), statistics.median(full)
     return {"repatch_te_only_s": round(a, 5), "full_apply_restore_s": round(b, 5),
-            "repatch_vs_full": round(a / b, 3)}
+            "repatch_vs_full": round(a / b, 3), "repatch_share_of_an_image": round(a / image_seconds, 4),
+            "full_apply_share_of_an_image": round(b / image_seconds, 4)}
 
 
 if __name__ == "__main__":
