@@ -16,6 +16,10 @@ COMMANDS = {
     "info": ("lib_lora.cli.info_cmd", "show what a LoRA-family file holds"),
     "generate": ("lib_lora.cli.generate_cmd", "generate images with <lora:...> prompts (the Generate tab's engine)"),
     "train": ("lib_lora.cli.train_cmd", "train a LoRA-family network (sd-scripts option names, TOML)"),
+    "merge": ("lib_lora.cli.merge_cmd", "merge LoRAs into a checkpoint (--model), or into one LoRA (exact or SVD)"),
+    "resize": ("lib_lora.cli.resize_cmd", "resize a LoRA to a rank or by sd-scripts' dynamic rules"),
+    "extract": ("lib_lora.cli.extract_cmd", "extract a LoRA from a fine-tuned checkpoint and its base"),
+    "convert": ("lib_lora.cli.convert_cmd", "convert a LoRA: key spelling, precision, to plain LoRA, metadata"),
     "export-model": ("lib_lora.cli.export_model_cmd",
                      "write a model (e.g. the embedded one) as an LDM single-file checkpoint + yaml for the web UI"),
 }

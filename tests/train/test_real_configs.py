@@ -17,7 +17,7 @@ import pytest
 from lib_lora.cli import main as cli_main
 from lib_lora.info import describe
 from lib_lora.io import read_metadata
-from lib_lora.train.toml_config import flatten_run_toml, read_toml
+from lib_lora.train.toml_config import flatten_run_toml, parse_overrides, read_toml
 from tests.conftest import SHARED
 
 CASES_DIR = SHARED / "configs" / "real-world"
@@ -27,10 +27,14 @@ CASES = sorted(p.name for p in CASES_DIR.iterdir() if (p / "run.toml").is_file()
 REFUSED = {
     "k16_dylora_adafactor": "train_norm",
     "k16_dylora_adafactor__gui_faithful": "train_norm",
+    # the GUI's bucket_reso_steps = 64 kept, with images scaled down to 64..128 px: shrunk to the area they have a
+    # side under one step (sd-scripts would make a zero-height bucket and crash)
+    "k20_standard_multires__gui_faithful": "bucket_reso_steps",
 }
-# What `info` calls each configured algorithm.
+# What `info` calls each configured algorithm (LoRA-type files with convolution modules read as LoCon).
 FILE_ALGORITHM = {"lora": "lora", "locon": "lora", "dylora": "lora", "lora_fa": "lora", "loha": "loha",
-                  "lokr": "lokr", "ia3": "ia3", "full": "full", "diag-oft": "diag-oft"}
+                  "lokr": "lokr", "ia3": "ia3", "full": "full", "diag-oft": "diag-oft", "dora": "dora"}
+SAMPLE_PROMPT = "zqx, a red circle on a blue background --w 64 --h 64 --s 4 --d 1\n"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("real-world")
     subprocess.run([sys.executable, str(SHARED / "configs" / "make_data.py"), str(root / "data")], check=True,
                    capture_output=True)
+    # the prompt file the GUI writes for the k17 cases (sample_prompts = {DATA}/prompts.txt); make_data.py has none
+    (root / "data" / "prompts.txt").write_text(SAMPLE_PROMPT, encoding="utf-8")
     assert cli_main(["export-model", "--out", str(root / "model" / "tiny.safetensors")]) == 0
     return root
 
@@ -64,17 +70,22 @@ def _materialise(case: str, world: Path, out: Path) -> tuple[Path, list[str]]:
     return here, argv
 
 
-def _configured(run_toml: Path) -> dict:
+def _configured(run_toml: Path, extra: list[str]) -> dict:
+    """What the user wrote (the TOML, then command-line tokens), read without the engine's config code."""
     options, _ = flatten_run_toml(read_toml(run_toml), str(run_toml))
-    args = dict(str(a).split("=", 1) for a in options.get("network_args", []) if "=" in str(a))
+    options.update(parse_overrides(extra))
+    raw_args = options.get("network_args", [])
+    args = dict(str(a).split("=", 1) for a in ([raw_args] if isinstance(raw_args, str) else raw_args) if "=" in str(a))
     module = options.get("network_module", "networks.lora")
     algo = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.lora_fa": "lora_fa"}.get(
         module, args.get("algo", "lora").strip())
-    dim = options.get("network_dim", 4)
+    dim = int(options.get("network_dim", 4))
     alpha = float(options.get("network_alpha", 1.0)) or float(dim)
-    dora = args.get("dora_wd", "False").strip().lower() == "true"
-    return {"module": module, "algo": "dora" if dora and algo in ("lora", "locon") else algo, "dim": dim,
-            "alpha": alpha, "name": options.get("output_name", "last")}
+    if args.get("dora_wd", "False").strip().lower() == "true" and algo in ("lora", "locon"):
+        algo = "dora"
+    convs = "conv_dim" in args or "conv_block_dims" in args or (module == "lycoris.kohya" and algo == "locon")
+    return {"module": module, "algo": algo, "dim": dim, "alpha": alpha, "convs": convs,
+            "name": options.get("output_name", "last")}
 
 
 @pytest.mark.slow
@@ -86,16 +97,20 @@ def test_real_config_trains_or_is_refused_clearly(case, world, capsys):
     captured = capsys.readouterr()
     if case in REFUSED:
         errors = [line for line in captured.err.splitlines() if line.strip()]
-        assert code == 1 and len(errors) == 1 and errors[0].startswith("error: "), captured.err
+        # one line; a dataset refusal lists each file below it
+        assert code == 1 and errors[0].startswith("error: ") and all(e.startswith("  ") for e in errors[1:]), \
+            captured.err
         assert REFUSED[case] in errors[0], errors[0]
         assert not out.exists() or not any(out.iterdir()), "a refused run must write nothing"
         return
     assert code == 0, captured.err[-3000:] + captured.out[-3000:]
-    want = _configured(here / "run.toml")
+    want = _configured(here / "run.toml", argv[argv.index("--no-progress") + 1:])
     path = out / f"{want['name']}.safetensors"
     info = describe(path)
-    expected_algorithm = "dora" if want["algo"] == "dora" else FILE_ALGORITHM[want["algo"]]
-    assert info.algorithms == [expected_algorithm], (info.algorithms, want)
+    expected = FILE_ALGORITHM[want["algo"]]
+    if expected == "lora" and (want["convs"] or want["module"] == "lycoris.kohya"):
+        expected = "locon"  # LyCORIS trains k x k convolutions at network_dim unless conv_dim says otherwise
+    assert info.algorithms == [expected], (info.algorithms, want)
     meta = read_metadata(path)
     assert meta["ss_network_module"] == want["module"]
     assert int(meta["ss_network_dim"]) == want["dim"] and float(meta["ss_network_alpha"]) == want["alpha"], meta

@@ -262,5 +262,6 @@ def _index(datasets: tuple[DatasetConfig, ...],
         report = bucket_report((items[k].placement, r) for k, r in zip(all_idx, all_reps))
         groups.append(DatasetGroup(i, ds, tuple(all_idx), tuple(all_reps), num_train, sum(reg_reps), report))
     if problems:
-        raise DatasetError(f"{len(problems)} image(s) fit no bucket:", problems)
+        raise DatasetError(f"{len(problems)} image(s) fit no bucket (lower bucket_reso_steps, or turn "
+                           "bucket_no_upscale off so they may be enlarged):", problems)
     return tuple(items), tuple(groups), tuple(subsets)
