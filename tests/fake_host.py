@@ -191,3 +191,9 @@ class FakeHost:
 
     def checkpoints(self):
         return ["embedded"]
+
+    def run_operation(self, operation, request, progress=None, should_stop=None):
+        try:
+            return operation(request, progress=progress, should_stop=should_stop)
+        finally:
+            self.library.refresh()

@@ -77,6 +77,11 @@ def main(work: Path) -> dict:
                            tools.description: ""})
     out["tools_status"] = saved[tools.status]
     out["tools_details"] = saved[tools.details]
+    resize = app.tabs["tools"].panels["resize"]
+    resized = resize.on_run({resize.input: "style", resize.rank: 1, resize.method: "fixed", resize.param: None,
+                             resize.output: "style-r1", resize.precision: "fp16", resize.force: False},
+                            progress=lambda *a, **k: None)
+    out["tools_resize"] = resized[resize.status]
     host.training().close()
     return out
 

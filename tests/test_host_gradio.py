@@ -27,3 +27,4 @@ def test_every_tab_builds_and_runs_a_handler_on_the_hosts_gradio(host, tmp_path)
     assert "<lora:hosted:1>" in report["train_result"]
     assert report["xy_grid"].endswith(".png") and "4 images" in report["xy_status"]
     assert "saved" in report["tools_status"] and "modelspec.title: Hosted" in report["tools_details"]
+    assert report["tools_resize"].startswith("wrote") and "style-r1.safetensors" in report["tools_resize"]

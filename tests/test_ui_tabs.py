@@ -248,3 +248,55 @@ def test_sample_dataset_button_fills_the_form_for_a_first_run(app, fake):
     assert "sks" in (folder / "10_sks" / "000.txt").read_text()
     second = tab.on_sample_dataset()
     assert Path(second[tab.form.fields["train_data_dir"]]["value"]) != folder  # never overwrites
+
+
+def test_tool_panels_run_the_ops_through_the_host(app, fake):
+    from lib_lora.io import read_metadata
+    from lib_lora.ui.tools_tab import TOOLS
+
+    tools = app.tabs["tools"]
+    assert set(tools.panels) == set(TOOLS)  # every tool's core is installed
+    write_small_lora(fake.library.folder / "other.safetensors", seed=5)
+    fake.library.refresh()
+    resize = tools.panels["resize"]
+    out = resize.on_run({resize.input: "style", resize.rank: 1, resize.method: "fixed", resize.param: None,
+                         resize.output: "style-r1", resize.precision: "(same as input)", resize.force: False},
+                        progress=lambda *a, **k: None)
+    assert "wrote" in out[resize.status] and "rank 1" in out[resize.result], out
+    assert fake.library.find("style-r1").rank == "1"  # in the LoRA folder, listed at once
+    again = resize.on_run({resize.input: "style", resize.rank: 1, resize.method: "fixed", resize.param: None,
+                           resize.output: "style-r1", resize.precision: "(same as input)", resize.force: False},
+                          progress=lambda *a, **k: None)
+    assert "**Error:**" in again[resize.status] and "exists" in again[resize.status]
+
+    merge = tools.panels["merge_loras"]
+    out = merge.on_run({merge.loras: "style:0.5\nother:1:0.5", merge.mode: "exact", merge.rank: 4,
+                        merge.output: "both", merge.precision: "fp16", merge.force: False},
+                       progress=lambda *a, **k: None)
+    assert "wrote" in out[merge.status] and "lora_studio.operation" in read_metadata(fake.library.find("both").path)
+
+    convert = tools.panels["convert"]
+    out = convert.on_run({convert.input: "other", convert.to: "diffusers", convert.precision: "(same as input)",
+                          convert.output: "other-diffusers", convert.force: False}, progress=lambda *a, **k: None)
+    assert "wrote" in out[convert.status], out
+
+    cancelled = []
+
+    def stop_at_once(fraction, desc=None):
+        merge._cancel.set()  # the Cancel button, pressed while the merge runs
+        cancelled.append(desc)
+
+    out = merge.on_run({merge.loras: "style\nother", merge.mode: "svd", merge.rank: 2, merge.output: "never",
+                        merge.precision: "(same as input)", merge.force: False}, progress=stop_at_once)
+    assert cancelled and "cancel" in out[merge.status].lower(), out
+    assert not (fake.library.folder / "never.safetensors").exists()
+
+    model = tools.panels["merge_model"]
+    out = model.on_run({model.model: str(fake.library.folder / "nope.safetensors"), model.loras: "style",
+                        model.output: str(fake.library.folder.parent / "m.safetensors"),
+                        model.precision: "(same as input)", model.force: False}, progress=lambda *a, **k: None)
+    assert "**Error:**" in out[model.status] and "nope.safetensors" in out[model.status]
+    extract = tools.panels["extract"]
+    out = extract.on_run({extract.base: "", extract.tuned: "", extract.dim: 4, extract.conv_dim: None,
+                          extract.output: "x", extract.force: False}, progress=lambda *a, **k: None)
+    assert "**Error:**" in out[extract.status]

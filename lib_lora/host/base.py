@@ -121,3 +121,8 @@ class Host(Protocol):
 
     def checkpoints(self) -> list[str]:
         """Model files the LoRA tools may read or write (merge into a model, extract from a pair)."""
+
+    def run_operation(self, operation: Callable[..., Any], request: Any, progress: Callable[[int, int, str], None]
+                      | None = None, should_stop: StopFn | None = None) -> Any:
+        """Run a LoRA tool (`lib_lora.ops` function and its request) the way this host runs long work (its device,
+        its lock); the LoRA folder is rescanned afterwards. Raises what the operation raises."""

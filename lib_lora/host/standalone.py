@@ -295,6 +295,13 @@ class StandaloneHost:
         self._library.refresh()
         return self.lora_info(name)
 
+    def run_operation(self, operation, request, progress=None, should_stop=None):
+        # File to file: the loaded model is not touched, so generation goes on meanwhile.
+        try:
+            return operation(request, progress=progress, should_stop=should_stop)
+        finally:
+            self._library.refresh()
+
     def checkpoints(self) -> list[str]:
         found = [EMBEDDED]
         if self._source and self._source != EMBEDDED:

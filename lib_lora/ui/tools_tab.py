@@ -1,6 +1,6 @@
 """The LoRA tools tab: the metadata viewer/editor of a LoRA file, and one panel per tool of the `TOOLS` registry
-(merge into a model, merge LoRAs, resize, extract, convert). A tool's panel appears when its engine part
-(`lib_lora.ops.*`) is installed; each panel only turns its inputs into a request for the host."""
+(merge into a model, merge LoRAs, resize, extract, convert; panels in `tool_panels`). A tool's panel appears when
+its engine part (`lib_lora.ops.*`) is installed; each panel only turns its inputs into a request for the host."""
 from __future__ import annotations
 
 import html
@@ -46,11 +46,14 @@ def register_tool(spec: ToolSpec) -> ToolSpec:
     return spec
 
 
-for _spec in (ToolSpec("merge_model", "Merge a LoRA into a model", "lib_lora.ops.merge_model"),
-              ToolSpec("merge_loras", "Merge LoRAs", "lib_lora.ops.merge_loras"),
-              ToolSpec("resize", "Resize (change rank)", "lib_lora.ops.resize"),
-              ToolSpec("extract", "Extract a LoRA from two models", "lib_lora.ops.extract"),
-              ToolSpec("convert", "Convert (formats, key spellings, precision)", "lib_lora.ops.convert")):
+_PANELS = "lib_lora.ui.tool_panels"
+for _spec in (ToolSpec("merge_model", "Merge LoRAs into a model", "lib_lora.ops.merge_model", _PANELS,
+                       "MergeModelPanel"),
+              ToolSpec("merge_loras", "Merge LoRAs", "lib_lora.ops.merge_loras", _PANELS, "MergeLorasPanel"),
+              ToolSpec("resize", "Resize (change rank)", "lib_lora.ops.resize", _PANELS, "ResizePanel"),
+              ToolSpec("extract", "Extract a LoRA from two models", "lib_lora.ops.extract", _PANELS, "ExtractPanel"),
+              ToolSpec("convert", "Convert (key spellings, plain LoRA, precision)", "lib_lora.ops.convert", _PANELS,
+                       "ConvertPanel")):
     register_tool(_spec)
 
 _TRAINING_KEYS = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name", "ss_network_module", "ss_network_dim",
