@@ -25,6 +25,7 @@ from lib_lora.sd.sample_dataset import write_sample_dataset  # noqa: E402
 
 TRIGGER = "pastel"
 NAME = "sample-pastel"
+DESCRIPTION = "Sample LoRA for the embedded tiny model: it lightens colours towards pastel (trigger word 'pastel')."
 
 
 def run_toml(path: Path, data: Path, out: Path, steps: int, seed: int) -> Path:
@@ -49,7 +50,7 @@ seed = {seed}
 min_snr_gamma = 5
 metadata_title = "Pastel (LoRA Studio sample)"
 metadata_trigger_phrase = "{TRIGGER}"
-metadata_description = "Sample LoRA for the embedded tiny model: it lightens colours towards pastel (trigger word 'pastel')."
+metadata_description = "{DESCRIPTION}"
 metadata_author = "LoRA Studio"
 metadata_license = "same as LoRA Studio"
 training_comment = "made by tools/make_sample_lora.py"
