@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 
+from lib_lora.cli.signals import StopOnSignal
+
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
 
@@ -43,7 +45,7 @@ def progress_bar(enabled: bool, unit: str):
     from tqdm import tqdm
 
     bar = None
-    stop = _StopOnSignal()
+    stop = StopOnSignal("cancelling at the next step; nothing will be written")
     uninstall = stop.install()
 
     def progress(done: int, total: int, message: str) -> None:
@@ -62,25 +64,3 @@ def progress_bar(enabled: bool, unit: str):
         uninstall()
         if bar is not None:
             bar.close()
-
-
-class _StopOnSignal:
-    """First Ctrl-C (SIGINT) or SIGTERM: cancel at the next step (nothing is written); a second Ctrl-C: now."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def install(self):
-        import signal
-
-        def handler(signum, frame):
-            if self.requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\n[stop] cancelling at the next step; nothing will be written", flush=True)
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(sig, h) for sig, h in previous.items()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from lib_lora.cli.signals import StopOnSignal
 from lib_lora.train.events import ProgressEvent
 
 
@@ -55,28 +56,6 @@ class ConsoleProgress:
         self.bar.set_postfix(loss=f"{e.loss:.4f}", avg=f"{e.smoothed or 0:.4f}")
 
 
-class StopOnSignal:
-    """First Ctrl-C (SIGINT) or SIGTERM: stop after the current step and save; a second Ctrl-C: interrupt now."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def install(self):
-        import signal
-
-        def handler(signum, frame):
-            if self.requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\n[stop] finishing the current step, then saving (Ctrl-C again to interrupt now)", flush=True)
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
-
-
 def run(args: argparse.Namespace) -> int:
     from lib_lora.train.run import train
     from lib_lora.train.toml_config import load_config
@@ -88,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         seed = cfg.run.seed if cfg.run.seed is not None else 0
         print(debug_report(cfg.data, seed, prior_loss_weight=cfg.loss.prior_loss_weight))
         return 0
-    stop = StopOnSignal()
+    stop = StopOnSignal("finishing the current step, then saving (Ctrl-C again to interrupt now)")
     uninstall = stop.install()
     main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher only rank 0 talks
     try:
