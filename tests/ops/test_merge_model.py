@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from lib_lora.keys import NORM_ROLES
 from lib_lora.networks import load_network
 from lib_lora.ops import LoraInput, MergeModelRequest, merge_into_model
 from lib_lora.ops.checkpoint_keys import checkpoint_targets
@@ -39,7 +40,8 @@ def test_merge_into_model_equals_weight_patcher_bit_for_bit(arch, tiny_checkpoin
     src = tiny_checkpoints[arch]
     model = load_checkpoint(src, compute_hash=False)
     targets = _model_targets(model, a)
-    chosen = [t for t in targets.targets.values() if t.role != "te_other"]
+    # train_norm layers (w_norm/b_norm) are not merged into checkpoints yet
+    chosen = [t for t in targets.targets.values() if t.role != "te_other" and t.role not in NORM_ROLES]
     save_file(make_network_file(chosen, "lora", 4, 1), tmp_path / "a.safetensors")
     save_file(make_network_file([t for t in chosen if t.role in ("attn", "te_attn")], "loha", 2, 2),
               tmp_path / "b.safetensors")
