@@ -194,7 +194,9 @@ def save_file(
     os.close(fd)
     try:
         st_save_file(prepared, tmp, metadata=meta or None)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; others (the web UI) must read ours
+        if meta:
+            _sort_metadata(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; others (the web UI) must read ours
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -205,10 +207,29 @@ def save_file(
     _fsync_dir(path.parent)
 
 
-def _umask() -> int:
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place.
+
+    safetensors serialises the metadata from a hash map, so its key order varies between processes and two
+    saves of the same tensors differ in bytes (and in the web UI's checkpoint hash). The sorted header has the
+    same length, so the tensor data stays where it is.
+    """
+    with open(path, "rb+") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # another escaping than safetensors' own; never seen, but never corrupt the file
+            raise OSError(f"{path}: the sorted safetensors header does not fit ({len(text)} > {size} bytes)")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file (0666 minus the umask)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _fsync_dir(folder: Path) -> None:
