@@ -63,7 +63,8 @@ class BlockRequest:
         """Stable text of what is applied (for the host's change detection and the infotext)."""
         parts = []
         if self.weights is not None:
-            parts.append("lbw=" + blocks.format_weights(self.weights, arch, blocks.shortest_length(self.weights, arch)))
+            length = blocks.shortest_length(self.weights, arch)
+            parts.append("lbw=" + blocks.format_weights(self.weights, arch, length))
         if self.start or self.stop is not None:
             parts.append(f"steps={self.start}-{'' if self.stop is None else self.stop}")
         return ":".join(parts)
