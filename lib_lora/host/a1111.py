@@ -138,12 +138,27 @@ class A1111Adapter:
     # ------------------------------------------------------------------------------------ the LoRA hook
 
     def process(self, p: Any) -> None:
-        """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`)."""
+        """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`), and
+        every tag checked, so a bad one stops the job before anything is drawn."""
         from lib_lora.prompt_syntax import for_webui
 
         p.all_prompts = [for_webui(text) for text in p.all_prompts]
         if getattr(p, "all_hr_prompts", None):
             p.all_hr_prompts = [for_webui(text) for text in p.all_hr_prompts]
+        try:
+            self.check_prompts([*dict.fromkeys(p.all_prompts)], int(p.steps))
+        except LibLoraError as exc:
+            self.fail(p, exc)
+
+    def check_prompts(self, prompts: list[str], steps: int) -> None:
+        from lib_lora.prompt_syntax import parse_prompt, step_window
+
+        presets = self.user_presets()
+        for text in prompts:
+            for call in parse_prompt(text).loras:
+                if call.lbw:
+                    blocks.resolve(call.lbw, self.arch(), presets, x=call.x)
+                step_window(call, steps)
 
     def after_activate(self, p: Any, extra_network_data: Mapping[str, list]) -> None:
         """After the built-in LoRA loaded the prompt's networks: scale the ones that ask for it."""
@@ -184,10 +199,12 @@ class A1111Adapter:
         self._hook = None
 
     def fail(self, p: Any, exc: Exception) -> None:
-        """A tag we cannot honour: stop the job with the reason rather than draw the LoRA without its weights."""
+        """A tag we cannot honour: stop the job with the reason (console, the job's comments and the API's
+        `extra_generation_params`) rather than draw the LoRA without its weights."""
         message = f"LoRA Studio: {exc}"
         print(message, file=sys.stderr)
         p.comment(message)
+        p.extra_generation_params["LoRA Studio error"] = str(exc)
         shared.state.interrupt()
 
     # ------------------------------------------------------------------------------------ X/Y/Z plot
