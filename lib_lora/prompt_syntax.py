@@ -194,6 +194,10 @@ def for_webui(prompt: str) -> str:
     return TAG.sub(fix, prompt)
 
 
+def has_lora_tag(prompt: str) -> bool:
+    return any(m.group(1) in NETWORK_TYPES for m in TAG.finditer(prompt))
+
+
 def set_first_tag(prompt: str, *, name: str | None = None, **options: str) -> str:
     """The prompt with its first LoRA tag changed: another file (`name`) and/or named options set (`te="0.5"`,
     `unet=...`, `lbw=...`). Setting te or unet spells both out (`te=..:unet=..`), so changing one never

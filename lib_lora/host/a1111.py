@@ -21,8 +21,9 @@ from typing import Any
 from modules import script_callbacks, scripts, shared
 
 from lib_lora import blocks
-from lib_lora.errors import LibLoraError
+from lib_lora.errors import LibLoraError, PromptSyntaxError
 from lib_lora.host import webui_lbw
+from lib_lora.host.webui_axes import PENDING
 from lib_lora.host.webui_lbw import A1111Hook, BlockRequest
 from lib_lora.types import Arch
 
@@ -147,6 +148,10 @@ class A1111Adapter:
             p.all_hr_prompts = [for_webui(text) for text in p.all_hr_prompts]
         try:
             self.check_prompts([*dict.fromkeys(p.all_prompts)], int(p.steps))
+            pending = getattr(p, PENDING, None)
+            if pending:
+                raise PromptSyntaxError(f"an X/Y/Z axis set {', '.join(pending)} but the prompt has no "
+                                        "<lora:...> tag: add one, or plot a LoRA file axis too")
         except LibLoraError as exc:
             self.fail(p, exc)
 

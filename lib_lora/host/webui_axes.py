@@ -14,7 +14,7 @@ import csv
 from collections.abc import Callable
 from typing import Any
 
-from lib_lora.prompt_syntax import set_first_tag
+from lib_lora.prompt_syntax import has_lora_tag, set_first_tag
 
 PREFIX = "[LoRA Studio] "
 LABELS = {
@@ -25,7 +25,19 @@ LABELS = {
 }
 
 
+PENDING = "lora_studio_pending"  # options an axis set while the prompt had no tag yet (a file axis comes later)
+
+
 def _rewrite(p: Any, **change: Any) -> None:
+    pending = getattr(p, PENDING, None) or {}
+    if "name" in change:
+        change = {**pending, **change}
+        setattr(p, PENDING, {})
+    elif not any(has_lora_tag(text) for text in _prompts(p)):
+        # The plot applies X before Y: a block-weight X with a file Y reaches a prompt without a tag first.
+        # The adapter refuses the job if no file axis ever adds the tag.
+        setattr(p, PENDING, {**pending, **change})
+        return
     if isinstance(p.prompt, list):
         p.prompt = [set_first_tag(text, **change) for text in p.prompt]
     else:
@@ -33,6 +45,10 @@ def _rewrite(p: Any, **change: Any) -> None:
     hr = getattr(p, "hr_prompt", "")
     if isinstance(hr, str) and hr:  # an empty hires prompt follows the main prompt by itself
         p.hr_prompt = set_first_tag(hr, **change)
+
+
+def _prompts(p: Any) -> list[str]:
+    return list(p.prompt) if isinstance(p.prompt, list) else [p.prompt]
 
 
 def apply_te(p: Any, x: float, xs: list) -> None:
