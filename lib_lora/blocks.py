@@ -255,7 +255,7 @@ def weights_by_module(names: Iterable[str], arch: Arch, weights: BlockWeights) -
 
 def shortest_length(weights: BlockWeights, arch: Arch) -> int:
     """The shortest list length of `arch` that writes these weights exactly (ids outside the list are 0)."""
-    for n in sorted(n for n in BLOCK_LISTS if set(BLOCK_LISTS[n]) <= set(arch_block_ids(arch))):
+    for n in ((12, 20) if arch is Arch.SDXL else (17, 26)):
         if all(weights[b] == 0 for b in arch_block_ids(arch) if b not in BLOCK_LISTS[n]):
             return n
     return len(arch_block_ids(arch))

@@ -1,0 +1,72 @@
+"""Per-block weights on Forge's own LoRA patcher and LoRA axes in its X/Y/Z plot, through its API (random SD1.5,
+64 px, 4 steps of Euler a, seed 1234): lbw all ones is the plain LoRA and all zeros no LoRA, bit for bit; te=0 /
+unet=0 leave exactly the other half; a preset with a U-Net window equals `python -m lib_lora generate` on the
+same file and checkpoint; a TE x U-Net grid has the right size and its corners are the images they stand for."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import hostenv
+from tests.host.a1111.test_a1111_xyz import TE, UNET, xyz_args
+from tests.host.conftest import decode, diff, extension_errors
+from tests.host.forge.conftest import PROMPT, STEPS
+
+ONES = ",".join(["1"] * 26)
+ZEROS = ",".join(["0"] * 17)
+
+
+def test_extension_loads_without_errors(forge, txt2img):
+    txt2img()  # Forge loads its model at the first generation
+    status = forge.get("/lora-studio/v1/status")
+    assert status["host"] == "forge" and status["arch"] == "sd1" and status["checkpoint"].startswith("sd15-random")
+    assert extension_errors(forge.log_text()) == []
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
+def test_block_weights_ones_and_zeros(txt2img, algo):
+    none, _ = txt2img()
+    plain, _ = txt2img(f"<lora:f_{algo}:1>")
+    assert diff(plain, none) > 1.0
+    assert np.array_equal(txt2img(f"<lora:f_{algo}:1:lbw={ONES}>")[0], plain)
+    assert np.array_equal(txt2img(f"<lora:f_{algo}:1:lbw={ZEROS}>")[0], none)
+    assert np.array_equal(txt2img()[0], none)  # the next plain generation is back to the model's own weights
+
+
+def test_te_and_unet_zero_change_only_their_half(txt2img):
+    assert np.array_equal(txt2img("<lora:f_lora:1:te=0:unet=1>")[0], txt2img("<lora:f_lora_unet:1>")[0])
+    assert np.array_equal(txt2img("<lora:f_lora:1:unet=0>")[0], txt2img("<lora:f_lora_te:1>")[0])
+
+
+def test_preset_with_window_equals_the_cli_generate(txt2img, forge, tmp_path):
+    tag = "<lora:f_lora:1:lbw=OUTS:stop=3>"
+    host, info = txt2img(tag)
+    out = tmp_path / "cli.png"
+    command = [sys.executable, "-m", "lib_lora", "generate", "--model", str(hostenv.random_sd15()),
+               "--lora-dir", str(forge.lora_dir), "--prompt", f"{PROMPT} {tag}", "--seed", "1234",
+               "--steps", str(STEPS), "--cfg", "7", "--sampler", "Euler a", "--width", "64", "--height", "64",
+               "--outputs", str(tmp_path / "outputs"), "--out", str(out), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=hostenv.ROOT, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = np.asarray(Image.open(out).convert("RGB"))
+    assert diff(host, txt2img()[0]) > 1.0 and diff(host, txt2img("<lora:f_lora:1:lbw=OUTS>")[0]) > 0.1
+    assert diff(host, ours) < 1.0 and np.abs(host.astype(int) - ours.astype(int)).max() <= 8
+    assert "OUTS (lbw=1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1:steps=0-3)" in info["infotexts"][0]
+
+
+def test_te_by_unet_grid(forge, txt2img):
+    labels = forge.get("/lora-studio/v1/xyz-axes")["labels"]
+    answer = txt2img.raw("<lora:f_lora:1>", script_name="x/y/z plot",
+                         script_args=xyz_args(labels, TE, "0, 1", UNET, "0, 1"))
+    images = [decode(b) for b in answer["images"]]
+    assert len(images) == 1 + 4 and images[0].shape[0] > 2 * 64 and images[0].shape[1] > 2 * 64
+    assert json.loads(answer["info"])["all_prompts"][0].endswith("<lora:f_lora:te=0:unet=0>")
+    assert np.array_equal(images[1], txt2img()[0])
+    assert np.array_equal(images[4], txt2img("<lora:f_lora:1>")[0])
