@@ -74,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{TITLE}] " + (f"model: {info.label}" if info else f"no model loaded: {host.model_error()}"), flush=True)
     app = compat.enable_queue(build_app(host).blocks)
     Path(args.outputs).mkdir(parents=True, exist_ok=True)
+    allowed = [str(Path(p).resolve()) for p in (args.outputs, args.lora_dir)]
     app.launch(server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port,
-               prevent_thread_lock=True, allowed_paths=[str(Path(args.outputs).resolve())], inbrowser=False,
-               **compat.launch_kwargs(app_css()))
+               prevent_thread_lock=True, allowed_paths=allowed, inbrowser=False, **compat.launch_kwargs(app_css()))
     print(f"[{TITLE}] running at {app.local_url}  (Ctrl-C to stop)", flush=True)
     try:
         app.block_thread()
     except KeyboardInterrupt:
         app.close()
+    finally:
+        host.close()  # a running training stops after its step and saves a resumable state
     return 0
 
 

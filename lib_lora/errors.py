@@ -24,6 +24,37 @@ class FileFormatError(LibLoraError):
         super().__init__(f"{path}: {reason}")
 
 
+class WriteError(LibLoraError, OSError):
+    """A file could not be written (disk full, no permission); no partial file was left, the old one is intact."""
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = str(path), reason
+        LibLoraError.__init__(self, f"{path}: could not be written: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: could not be written: {self.reason}"
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An exception that means "the bytes could not be written": an OSError, safetensors' SafetensorError carrying
+    an I/O error, or torch.save's RuntimeError from its stream writer."""
+    text = str(exc)
+    return (isinstance(exc, OSError) or (type(exc).__name__ == "SafetensorError" and "Io" in text)
+            or (isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text)))
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """A short reason for a failed write: 'no space left on device' whatever layer reported it."""
+    text = str(exc)
+    if getattr(exc, "errno", None) == 28 or "No space left" in text or "StorageFull" in text:
+        return "no space left on device"
+    if getattr(exc, "errno", None) == 13 or "Permission denied" in text:
+        return "permission denied"
+    if getattr(exc, "strerror", None):
+        return exc.strerror
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class KeyMapError(LibLoraError):
     """Keys of a file do not fit the model (another architecture, unknown spelling)."""
 

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from lib_lora import blocks
 from lib_lora.io import addnet_hash, load_state_dict, short_hash
 from lib_lora.networks import LoadedNetwork, load_network
+from lib_lora.networks.norm import NormModule
+from lib_lora.networks.oft import OFTModule
 from lib_lora.types import Arch
 
 TAG_FREQUENCY_TOP = 10
@@ -34,6 +36,12 @@ class NetworkInfo:
     computed_hash: str | None
     short_hash: str | None
     unmatched_keys: list[str] = field(default_factory=list)
+    # OFT only (rank is then its number of blocks, alpha its constraint): rows per block, and the constraint
+    block_size: int | dict[str, int] | None = None
+    constraint: float | dict[str, float] | None = None
+    # modules that change normalization layers (LyCORIS train_norm: `w_norm`/`b_norm`), counted in `modules` too;
+    # they ride along the network's algorithm, which `algorithm` names
+    norm_layers: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -76,10 +84,12 @@ def describe(path: str | os.PathLike, network: LoadedNetwork | None = None) -> N
     net = network or load_network(loaded)
     arch = net.arch
     ranks = [float(m.rank) for m in net.modules.values() if m.rank]
-    alphas = [float(m.alpha) for m in net.modules.values() if m.alpha is not None]
+    alphas = [float(m.alpha) for m in net.modules.values() if m.alpha is not None and m.alpha_is_scale]
+    oft = [m for m in net.modules.values() if isinstance(m, OFTModule)]
     ids = {blocks.block_of(name, arch) for name in net.modules}
     order = blocks.arch_block_ids(arch) if arch is Arch.SDXL else blocks.BLOCK_IDS_26
     algos = net.algorithms()
+    main = [a for a in algos if a != "norm"] or algos
     trigger, per_dir = tag_summary(net.metadata)
     shown = {k: v for k, v in net.metadata.items() if k != "ss_tag_frequency"}
     stored = net.metadata.get("sshs_model_hash")
@@ -87,7 +97,7 @@ def describe(path: str | os.PathLike, network: LoadedNetwork | None = None) -> N
     return NetworkInfo(
         path=path,
         name=net.metadata.get("ss_output_name") or net.name,
-        algorithm=algos[0] if len(algos) == 1 else "mixed",
+        algorithm=main[0] if len(main) == 1 else "mixed",
         algorithms=algos,
         rank=_span(ranks, True),
         alpha=_span(alphas, False),
@@ -102,6 +112,9 @@ def describe(path: str | os.PathLike, network: LoadedNetwork | None = None) -> N
         computed_hash=computed,
         short_hash=short_hash(computed or stored) if (computed or stored) else None,
         unmatched_keys=net.unmatched_keys,
+        block_size=_span([float(m.block_size) for m in oft], True),
+        constraint=_span([m.constraint for m in oft], False),
+        norm_layers=sum(isinstance(m, NormModule) for m in net.modules.values()),
     )
 
 
@@ -119,10 +132,14 @@ def format_text(info: NetworkInfo) -> str:
         f"file:        {info.path}",
         f"name:        {info.name}",
         f"algorithm:   {', '.join(info.algorithms)}",
-        f"rank:        {_fmt_span(info.rank)}",
+        f"rank:        {_fmt_span(info.rank)}" + (" (OFT: number of blocks)" if info.block_size is not None else ""),
         f"alpha:       {_fmt_span(info.alpha)}",
+        *([f"block size:  {_fmt_span(info.block_size)}",
+           f"constraint:  {_fmt_span(info.constraint)}" + (" (none)" if info.constraint == 0 else "")]
+          if info.block_size is not None else []),
         f"arch:        {info.arch} ({info.arch_reason})",
-        "modules:     " + ", ".join(f"{k} {v}" for k, v in info.modules.items()),
+        "modules:     " + ", ".join(f"{k} {v}" for k, v in info.modules.items())
+        + (f" (of which {info.norm_layers} normalization layers: w_norm, b_norm)" if info.norm_layers else ""),
         f"blocks:      {' '.join(info.blocks)}",
         f"hash:        {info.computed_hash or '-'} (short {info.short_hash or '-'})",
     ]

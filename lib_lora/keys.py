@@ -49,8 +49,9 @@ class Target:
     """One weight a LoRA module can change.
 
     name: kohya name; path: module path inside its root module; role: 'attn' | 'resnet' | 'sampler' | 'top'
-    for the U-Net, 'te_attn' | 'te_mlp' | 'te_other' for text encoders; rows: for fused q/k/v projections
-    (OpenCLIP `in_proj_weight`), the rows of the fused weight this target owns.
+    for the U-Net, 'te_attn' | 'te_mlp' | 'te_other' for text encoders, and for normalization layers (GroupNorm,
+    LayerNorm: `NORM_ROLES`) 'attn_norm' | 'resnet_norm' | 'sampler_norm' | 'top_norm' | 'te_norm'; rows: for
+    fused q/k/v projections (OpenCLIP `in_proj_weight`), the rows of the fused weight this target owns.
     """
 
     name: str
@@ -77,6 +78,11 @@ class Target:
     @property
     def is_conv(self) -> bool:
         return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def is_norm(self) -> bool:
+        """A normalization layer (LyCORIS `train_norm` targets: its weight and bias change, `w_norm`/`b_norm`)."""
+        return self.role in NORM_ROLES
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -128,10 +134,26 @@ def kohya_name(component: Component, path: str) -> str:
     return component.prefix + path.replace(".", "_")
 
 
-def _lora_layers(root: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+# Normalization layers a network can change (LyCORIS `train_norm`: every module whose class is a GroupNorm or
+# LayerNorm; the LDM code's GroupNorm32 subclasses GroupNorm). Only affine ones have a weight to change.
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
+# the role of a normalization layer, by the role its neighbours (the layers of the same part) have
+_NORM_ROLE = {"attn": "attn_norm", "resnet": "resnet_norm", "sampler": "sampler_norm", "top": "top_norm",
+              "te_attn": "te_norm", "te_mlp": "te_norm", "te_other": "te_norm"}
+NORM_ROLES = frozenset(_NORM_ROLE.values())
+
+
+def _is_affine_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES) and getattr(module, "weight", None) is not None
+
+
+def _lora_layers(root: nn.Module) -> Iterable[tuple[str, nn.Module, bool]]:
+    """(path, module, is a normalization layer) of every layer a network can change, in model order."""
     for path, module in root.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            yield path, module
+            yield path, module, False
+        elif _is_affine_norm(module):
+            yield path, module, True
 
 
 # ----------------------------------------------------------------------------------------- U-Net
@@ -153,7 +175,7 @@ def unet_targets(unet: nn.Module, arch: Arch, spelling: str, layout: UNetLayout 
         raise ValueError(f"spelling must be 'diffusers' or 'compvis', not {spelling!r}")
     parse = parse_diffusers if spelling == "diffusers" else parse_compvis
     out = []
-    for path, module in _lora_layers(unet):
+    for path, module, norm in _lora_layers(unet):
         loc = parse(path, layout)
         if loc is None:
             raise KeyMapError(f"U-Net module {path!r} is outside the {arch.label} {spelling} structure this map knows")
@@ -161,7 +183,9 @@ def unet_targets(unet: nn.Module, arch: Arch, spelling: str, layout: UNetLayout 
             canonical = path if spelling == "compvis" else diffusers_to_compvis(path, layout)
         else:
             canonical = path if spelling == "diffusers" else compvis_to_diffusers(path, layout)
-        out.append(Target(kohya_name(Component.UNET, canonical), Component.UNET, path, module, _unet_role(loc.part)))
+        role = _unet_role(loc.part)
+        out.append(Target(kohya_name(Component.UNET, canonical), Component.UNET, path, module,
+                          _NORM_ROLE[role] if norm else role))
     return out
 
 
@@ -182,14 +206,18 @@ def clip_text_targets(te: nn.Module, component: Component) -> list[Target]:
     transformers >= 5 flattened `CLIPTextModel` (no `text_model.` level); kohya names keep the level.
     """
     out = []
-    for path, module in _lora_layers(te):
+    for path, module, norm in _lora_layers(te):
         canonical = path if path.startswith("text_model.") or path == "text_projection" else f"text_model.{path}"
-        out.append(Target(kohya_name(component, canonical), component, path, module, _te_role(canonical)))
+        role = _te_role(canonical)
+        out.append(Target(kohya_name(component, canonical), component, path, module,
+                          _NORM_ROLE[role] if norm else role))
     return out
 
 
 _OPENCLIP_BLOCK = re.compile(r"^(?:(?P<pre>.*)\.)?transformer\.resblocks\.(?P<n>\d+)\.(?P<rest>.+)$")
-_OPENCLIP_CHILDREN = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPENCLIP_CHILDREN = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                      "ln_1": "layer_norm1", "ln_2": "layer_norm2"}
+_OPENCLIP_FINAL_NORM = re.compile(r"^(?:.*\.)?ln_final$")
 
 
 def open_clip_text_targets(te: nn.Module, component: Component) -> list[Target]:
@@ -197,11 +225,16 @@ def open_clip_text_targets(te: nn.Module, component: Component) -> list[Target]:
 
     The fused `attn.in_proj_weight` of each `nn.MultiheadAttention` holds q, k and v as row blocks;
     each block is a target of its own, named as diffusers/transformers name the separate projections.
+    Normalization layers (`ln_1`, `ln_2`, `ln_final`) get the transformers names (`layer_norm1`, `layer_norm2`,
+    `final_layer_norm`).
     """
     out = []
     for path, module in te.named_modules():
         m = _OPENCLIP_BLOCK.match(path)
         if m is None:
+            if _OPENCLIP_FINAL_NORM.match(path) and _is_affine_norm(module):
+                out.append(Target(kohya_name(component, "text_model.final_layer_norm"), component, path, module,
+                                  "te_norm"))
             continue
         n, rest = m.group("n"), m.group("rest")
         base = f"text_model.encoder.layers.{n}"
@@ -210,11 +243,11 @@ def open_clip_text_targets(te: nn.Module, component: Component) -> list[Target]:
             for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
                 name = kohya_name(component, f"{base}.self_attn.{proj}")
                 out.append(Target(name, component, path, module, "te_attn", rows=(i * d, (i + 1) * d)))
-        elif rest in _OPENCLIP_CHILDREN and isinstance(module, nn.Linear):
+        elif rest in _OPENCLIP_CHILDREN and (isinstance(module, nn.Linear) or _is_affine_norm(module)):
             canonical = f"{base}.{_OPENCLIP_CHILDREN[rest]}"
             hook = "param" if rest == "attn.out_proj" else "forward"
-            out.append(Target(kohya_name(component, canonical), component, path, module, _te_role(canonical),
-                              hook=hook))
+            role = "te_norm" if _is_affine_norm(module) else _te_role(canonical)
+            out.append(Target(kohya_name(component, canonical), component, path, module, role, hook=hook))
     return out
 
 
@@ -276,6 +309,7 @@ def compvis_path(name: str, arch: Arch) -> tuple[Component, str]:
 # ------------------------------------------------------------------------------------- file keys
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_OFT_PREFIX = "oft_unet_"
 # diffusers / PEFT component prefixes -> component (SDXL's first encoder is te1)
 _DIFFUSERS_COMPONENTS = {"unet": Component.UNET, "text_encoder": Component.TE, "text_encoder_2": Component.TE2}
 # tails that carry LoRA tensors in diffusers / PEFT spellings -> kohya suffix
@@ -308,7 +342,7 @@ class FileKey:
     key: str
     module: str
     suffix: str
-    spelling: str  # 'kohya' | 'peft'
+    spelling: str  # 'kohya' | 'peft' | 'kohya-oft'
 
 
 def parse_file_key(key: str, arch: Arch) -> FileKey | None:
@@ -322,6 +356,10 @@ def parse_file_key(key: str, arch: Arch) -> FileKey | None:
     if key.startswith(KOHYA_PREFIXES):
         module, sep, suffix = key.partition(".")
         return FileKey(key, module, suffix, "kohya") if sep and suffix else None
+    if key.startswith(KOHYA_OFT_PREFIX):  # sd-scripts' networks.oft names its U-Net modules oft_unet_*
+        module, sep, suffix = key.partition(".")
+        return FileKey(key, "lora_unet_" + module.removeprefix(KOHYA_OFT_PREFIX), suffix, "kohya-oft") \
+            if sep and suffix else None
     body = key.removeprefix("base_model.model.")
     comp_name, _, rest = body.partition(".")
     comp = _DIFFUSERS_COMPONENTS.get(comp_name)

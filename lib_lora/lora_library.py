@@ -22,12 +22,15 @@ from lib_lora.networks import LoadedNetwork, load_network
 from lib_lora.networks.registry import detect
 from lib_lora.types import Arch
 
+STATE_FILE = "train_state.json"  # marks a training state folder (lib_lora.train.checkpoint.STATE_FILE)
+
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 # Which tensor of a module tells its rank, and along which dimension (the algorithm files define the shapes).
 _RANK_TENSOR = {
     "lora": ("lora_down.weight", 0),
     "loha": ("hada_w1_b", 0),
     "lokr": ("lokr_w2_b", 0),
+    "diag-oft": ("oft_blocks", 0),  # the number of blocks (A1111's dim)
 }
 # Metadata keys from which the architecture a LoRA was trained for is declared rather than guessed.
 _ARCH_METADATA = ("ss_base_model_version", "modelspec.architecture", "ss_v2")
@@ -124,6 +127,18 @@ def _algorithm_and_rank(modules: dict[str, dict[str, tuple[int, ...]]]) -> tuple
     return algorithm, str(lo) if lo == hi else f"{lo}-{hi}"
 
 
+def trigger_words(metadata: dict[str, str]) -> tuple[str, ...]:
+    """The trigger words a file declares (`modelspec.trigger_phrase`, comma-separated), else its most frequent
+    training tags (`ss_tag_frequency`)."""
+    declared = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+    return tuple(declared) if declared else tuple(tag_summary(metadata)[0])
+
+
+def _in_state_folder(path: Path) -> bool:
+    # A training state folder (`name-state/network.safetensors`) holds a resumable state, not a LoRA to apply.
+    return (path.parent / STATE_FILE).is_file()
+
+
 def describe_file(path: str | os.PathLike) -> LoraEntry:
     """A library entry for one file, from its header (safetensors) or its tensors (pickle formats)."""
     path = str(path)
@@ -138,11 +153,10 @@ def describe_file(path: str | os.PathLike) -> LoraEntry:
     algorithm, rank = _algorithm_and_rank(modules)
     downs = {m: s.get("lora_down.weight", next(iter(s.values()))) for m, s in modules.items()}
     guess = keys.guess_arch(modules, downs, metadata)
-    trigger, _ = tag_summary(metadata)
     return LoraEntry(
         name=name, path=path, alias=metadata.get("ss_output_name", ""), rank=rank, algorithm=algorithm,
         arch=guess.arch, arch_reason=guess.reason, arch_declared=any(k in metadata for k in _ARCH_METADATA),
-        trigger_words=tuple(trigger), stored_hash=metadata.get("sshs_model_hash", ""), modules=len(modules),
+        trigger_words=trigger_words(metadata), stored_hash=metadata.get("sshs_model_hash", ""), modules=len(modules),
     )
 
 
@@ -168,8 +182,8 @@ class LoraLibrary:
     def refresh(self) -> list[LoraEntry]:
         """Rescan the folder; returns the entries sorted by name."""
         found: dict[_FileStamp, LoraEntry] = {}
-        files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()) \
-            if self.folder.is_dir() else []
+        files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file()
+                       and not _in_state_folder(p)) if self.folder.is_dir() else []
         for path in files:
             stamp = _FileStamp.of(path)
             found[stamp] = self._described.get(stamp) or describe_file(path)

@@ -324,7 +324,8 @@ class _Hook:
                     return rebuilt
             out = original(x, *args, **kwargs)
             for e in entries:
-                out = e.module.bypass(x, out, self.layer, self.module.weight, e.strength)
+                out = e.module.bypass(x, out, self.layer, self.module.weight, e.strength,
+                                     getattr(self.module, "bias", None))
             return out
 
         self.wrapper = forward

@@ -28,7 +28,7 @@ def lora_tensors(target: Target, algo: str, rank: int, g: torch.Generator, scale
                  dtype=torch.float32) -> dict[str, torch.Tensor]:
     """File tensors (suffix -> tensor) of one random module of `algo` for `target`."""
     shape = target.shape
-    out_f, in_f, kernel = shape[0], shape[1], tuple(shape[2:])
+    out_f, in_f, kernel = shape[0], shape[1] if len(shape) > 1 else 1, tuple(shape[2:])
 
     def r(*s):
         return (torch.randn(*s, generator=g) * scale).to(dtype)
@@ -61,10 +61,30 @@ def lora_tensors(target: Target, algo: str, rank: int, g: torch.Generator, scale
         c = 2 if in_f % 2 == 0 else 1
         t = {"lokr_w1": r(a, c) * 10, "lokr_w2_a": r(rank, out_f // a), "lokr_w2_b": r(rank, in_f // c),
              "lokr_t2": r(rank, rank, *kernel) * 10}
+    elif algo in ("oft", "oft_rescaled", "oft_constrained"):
+        from lib_lora.networks.lokr import factorization
+
+        size, count = factorization(out_f, rank)
+        t = {"oft_blocks": r(count, size, size) * 10}
+        if algo == "oft_rescaled":
+            t["rescale"] = (1 + r(out_f, *([1] * (len(shape) - 1)))).to(dtype)
+        # the constraint (alpha x output size) binds: 0.05 x 24 = 1.2 is below ||Q|| of these blocks
+        t["alpha"] = torch.tensor(0.05 if algo == "oft_constrained" else 0.0, dtype=dtype)
+        return t
+    elif algo == "oft_diag":  # old LyCORIS: the rotation itself, an orthogonal matrix per block
+        from lib_lora.networks.lokr import factorization
+
+        size, count = factorization(out_f, rank)
+        q = r(count, size, size) * 10
+        q = q - q.transpose(1, 2)
+        eye = torch.eye(size)
+        return {"oft_diag": ((eye + q) @ torch.linalg.inv(eye - q)).to(dtype)}
     elif algo == "ia3":
         return {"weight": r(out_f) * 10, "on_input": torch.tensor(False)}
     elif algo == "full":
         return {"diff": r(*shape)}
+    elif algo == "norm":  # LyCORIS train_norm: a change of a normalization layer's weight and bias
+        return {"w_norm": r(out_f) * 4, "b_norm": r(out_f) * 4}
     else:
         raise ValueError(algo)
     t["alpha"] = torch.tensor(float(rank) / 2, dtype=dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -65,19 +66,69 @@ def venv_dir(name: str) -> Path:
     return VENVS / name
 
 
+STAMP = ".hostenv-stamp"
+
+
+def setup_stamp(name: str) -> str:
+    """A digest of the bundle's setup script and pin files: a venv made by them is current while it matches."""
+    folder = bundle(name)
+    files = [folder / "setup.sh", *sorted(folder.glob("*.txt"))]
+    if (folder / "venv-shim").is_dir():
+        files += sorted(p for p in (folder / "venv-shim").iterdir() if p.is_file())
+    digest = hashlib.sha256()
+    for path in (p for p in files if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _current(name: str) -> bool:
+    stamp = venv_dir(name) / STAMP
+    return (venv_dir(name) / "bin" / "python").is_file() and stamp.is_file() and \
+        stamp.read_text().strip() == setup_stamp(name)
+
+
 def venv_python(name: str) -> Path:
-    """The host venv's python, after running the host's setup.sh (builds on first use; minutes)."""
+    """The host venv's python, made by the host's own setup.sh on first use (minutes) or when the bundle's setup
+    files change; later calls are instant."""
     setup = bundle(name) / "setup.sh"
     venv = venv_dir(name)
     log = VENVS / f"{name}.log"
     with _locked(f"venv-{name}"):
+        if _current(name):
+            return venv / "bin" / "python"
         VENVS.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as out:
             result = subprocess.run(["bash", str(setup), str(venv)], stdout=out, stderr=subprocess.STDOUT,
                                     timeout=SETUP_TIMEOUT, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{setup} {venv} failed ({result.returncode}); see {log}:\n{_tail(log)}")
+        (venv / STAMP).write_text(setup_stamp(name) + "\n")
     return venv / "bin" / "python"
+
+
+def host_python(name: str) -> Path:
+    """`venv_python` for tests: skips (saying why) without the host bundles, fails with the log if setup fails."""
+    import pytest
+
+    try:
+        return venv_python(name)
+    except HostUnavailable as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+def run_in_host(name: str, args: list[str], *, timeout: float = 600, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run the host venv's python with this checkout importable (PYTHONPATH), offline, from the checkout root."""
+    python = host_python(name)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("VIRTUAL_ENV", None)
+    return subprocess.run([str(python), *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def _tail(path: Path, lines: int = 40) -> str:

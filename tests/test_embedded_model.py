@@ -72,7 +72,8 @@ def test_text_encoder_file_uses_transformers4_spelling(model):
     for key, value in module_sd.items():
         assert torch.equal(value, respelled[key].float()), key
     # and the other way: a module tree with the `text_model.` level gets prefixed keys
-    prefixed = match_text_encoder_keys({"encoder.layers.0.mlp.fc1.weight": torch.zeros(1)}, {"text_model.x"})
+    prefixed = match_text_encoder_keys({"encoder.layers.0.mlp.fc1.weight": torch.zeros(1)},
+                                      {"text_model.encoder.layers.0.mlp.fc1.weight"})
     assert list(prefixed) == ["text_model.encoder.layers.0.mlp.fc1.weight"]
 
 

@@ -118,3 +118,37 @@ def test_kill_during_save_leaves_previous_file_intact(tmp_path):
         assert f.metadata["ss_steps"] == str(int(f.tensors["step"]))
     for leftover in tmp_path.glob(".net.safetensors.*.tmp"):
         leftover.unlink()  # a killed writer can leave its temporary file; never the target
+
+
+def test_pickled_checkpoints_are_read_safely(tmp_path):
+    import os
+
+    from lib_lora.io import load_state_dict
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, good)
+    assert torch.equal(load_state_dict(good).tensors["w"], torch.ones(2))
+
+    marker = tmp_path / "ran"
+
+    class Payload:  # what a malicious checkpoint carries: a call made while unpickling
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": Payload()}, evil)
+    with pytest.raises(FileFormatError, match="arbitrary code"):
+        load_state_dict(evil)
+    assert not marker.exists()
+
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(bytes(range(7, 250)) * 40)
+    with pytest.raises(FileFormatError, match="not a PyTorch checkpoint"):
+        load_state_dict(noise)
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(FileFormatError, match="damaged or truncated"):
+        load_state_dict(truncated)
+    renamed = tmp_path / "renamed.ckpt"
+    save_file({"w": torch.zeros(3)}, renamed)
+    assert torch.equal(load_state_dict(renamed).tensors["w"], torch.zeros(3))

@@ -103,13 +103,18 @@ def test_open_clip_fused_qkv_become_three_targets():
     tower = nn.Module()
     tower.transformer = nn.Module()
     tower.transformer.resblocks = nn.ModuleList([_OpenClipBlock(8) for _ in range(3)])
+    tower.ln_final = nn.LayerNorm(8)
     targets = {t.name: t for t in keys.open_clip_text_targets(tower, Component.TE2)}
-    assert len(targets) == 3 * 6
+    assert len(targets) == 3 * 6 + 3 * 2 + 1  # q, k, v, out, fc1, fc2 and two norms per block; the final norm
     q = targets["lora_te2_text_model_encoder_layers_1_self_attn_q_proj"]
     v = targets["lora_te2_text_model_encoder_layers_1_self_attn_v_proj"]
     assert q.rows == (0, 8) and v.rows == (16, 24) and q.shape == torch.Size((8, 8))
     assert targets["lora_te2_text_model_encoder_layers_2_mlp_fc1"].path == "transformer.resblocks.2.mlp.c_fc"
     assert targets["lora_te2_text_model_encoder_layers_0_self_attn_out_proj"].role == "te_attn"
+    ln = targets["lora_te2_text_model_encoder_layers_2_layer_norm1"]
+    assert ln.path == "transformer.resblocks.2.ln_1" and ln.role == "te_norm" and ln.is_norm
+    assert targets["lora_te2_text_model_encoder_layers_0_layer_norm2"].path == "transformer.resblocks.0.ln_2"
+    assert targets["lora_te2_text_model_final_layer_norm"].path == "ln_final"
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

@@ -3,6 +3,8 @@ start/stop, exact restore (also after errors and cancellation), bad input, the L
 host and the `generate` CLI."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -276,17 +278,33 @@ def checkpoint(tmp_path_factory, model):
     return path
 
 
-def test_generate_cli_same_code_path(checkpoint, lora_dir, tmp_path, capsys, run):
+def test_generate_cli_same_code_path(checkpoint, lora_dir, tmp_path, capsys, run, monkeypatch):
+    import lib_lora.host.standalone as standalone
+
+    calls = []
+    engine = standalone.generate_with_loras
+
+    def spy(model, params, library, **kwargs):
+        calls.append((params, library.folder))
+        return engine(model, params, library, **kwargs)
+
+    monkeypatch.setattr(standalone, "generate_with_loras", spy)
     out = tmp_path / "img.png"
-    code = cli_main(["generate", "--model", str(checkpoint), "--prompt", "a red circle <lora:style:1:lbw=OUTS>",
-                     "--seed", "11", "--steps", str(STEPS), "--lora-dir", str(lora_dir), "--outputs",
-                     str(tmp_path / "outputs"), "--out", str(out), "--no-progress"])
+    prompt = "a red circle <lora:style:1:lbw=OUTS>"
+    code = cli_main(["generate", "--model", str(checkpoint), "--prompt", prompt, "--seed", "11", "--steps",
+                     str(STEPS), "--lora-dir", str(lora_dir), "--outputs", str(tmp_path / "outputs"),
+                     "--out", str(out), "--no-progress"])
     assert code == 0
+    # The path: the app's engine, called once with what the app would pass for these fields.
+    ((params, root),) = calls
+    assert Path(root) == Path(lora_dir) and params == GenerationParams(prompt, steps=STEPS, seed=11)
     with Image.open(out) as im:
         assert "Lora hashes:" in im.info["parameters"]
         cli_pixels = np.asarray(im, dtype=np.int16)
-    # the same image as the engine makes on the in-memory model the checkpoint was written from
-    assert np.array_equal(cli_pixels, pixels(run("a red circle <lora:style:1:lbw=OUTS>"))[0])
+    # The picture: that of the in-memory model the checkpoint was written from. Another module instance may round
+    # differently in the last bits on another CPU's kernels, and sampling carries that into a few pixel levels.
+    diff = np.abs(cli_pixels - pixels(run(prompt))[0])
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
     assert "saved" in capsys.readouterr().out
     code = cli_main(["generate", "--model", str(checkpoint), "--prompt", "<lora:stlye:1>", "--steps", "1",
                      "--lora-dir", str(lora_dir), "--outputs", str(tmp_path / "outputs")])

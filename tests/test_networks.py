@@ -17,7 +17,8 @@ LAYERS = {
     "conv1x1": lambda: nn.Conv2d(16, 24, 1),
     "conv3x3": lambda: nn.Conv2d(16, 24, 3, stride=2, padding=1),
 }
-ALGOS = ["lora", "dora", "lora_tucker", "loha", "loha_tucker", "lokr", "lokr_full", "lokr_tucker", "ia3", "full"]
+ALGOS = ["lora", "dora", "lora_tucker", "loha", "loha_tucker", "lokr", "lokr_full", "lokr_tucker", "ia3", "full",
+         "oft", "oft_rescaled", "oft_constrained", "oft_diag"]
 CASES = [(a, k) for a in ALGOS for k in LAYERS if not (a.endswith("_tucker") and k != "conv3x3")]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -35,7 +36,7 @@ def _module(algo: str, layer: nn.Module, seed: int = 0):
 
 
 def test_registry_has_every_algorithm():
-    assert {"lora", "loha", "lokr", "ia3", "full"} <= set(ALGORITHMS)
+    assert {"lora", "loha", "lokr", "ia3", "full", "diag-oft"} <= set(ALGORITHMS)
 
 
 @pytest.mark.parametrize("algo,kind", CASES)
@@ -49,7 +50,7 @@ def test_bypass_equals_merged(algo, kind, multiplier):
     x = _input(kind)
     op = LayerOp.of(layer)
     with torch.no_grad():
-        bypass = module.bypass(x, layer(x), op, layer.weight, multiplier)
+        bypass = module.bypass(x, layer(x), op, layer.weight, multiplier, layer.bias)
         merged_w = module.merged(layer.weight, multiplier)
         merged_b = module.merged_bias(layer.bias, multiplier)
         merged = op(x, merged_w, merged_b)

@@ -64,6 +64,21 @@ def test_hooked_equals_merged_on_the_unet(sd1):
     assert checksum(comps.unet) == before
 
 
+def test_hooked_equals_merged_for_an_fp16_file_on_a_float32_model(sd1):
+    """Files are mostly saved in fp16: the hooked path must not round the model's float32 weights to the file's
+    dtype where it rebuilds a layer's weight (small layers, conv_in among them)."""
+    comps, targets = sd1
+    sd = make_network_file(targets.select(["attn", "resnet", "top"]), "lora", rank=4, seed=5, dtype=torch.float16)
+    net = load_network(sd, arch=Arch.SD1)
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([300]), torch.randn(1, 7, 64)
+    outputs = {}
+    with torch.no_grad():
+        for mode in ("hooked", "merge"):
+            with WeightPatcher(targets, mode).applied([Application(net, unet=0.7)]):
+                outputs[mode] = comps.unet(x, t, ctx).sample
+    torch.testing.assert_close(outputs["hooked"], outputs["merge"], atol=1e-5, rtol=1e-4)
+
+
 def test_lbw_zeros_equals_no_lora_bit_exact(sd1):
     comps, targets = sd1
     before = checksum(comps.unet, *comps.text_encoders)

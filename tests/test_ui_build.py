@@ -2,62 +2,22 @@
 the tiny model, and through a fake host that records what it is asked."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
 from lib_lora import blocks
 from lib_lora.errors import ConfigError
-from lib_lora.host import Host, HostResult, ModelInfo
+from lib_lora.host import Host
 from lib_lora.host.standalone import StandaloneHost
-from lib_lora.lora_library import LoraLibrary
 from lib_lora.sd.pipeline import SAMPLERS
 from lib_lora.types import Arch
+from tests.fake_host import FakeHost
 from tests.helpers import checksum, make_sd_model, write_lora_folder
 
 gr = pytest.importorskip("gradio")
 
 from lib_lora.app import build_app  # noqa: E402  (after the gradio check)
 from lib_lora.ui import TABS, compat  # noqa: E402
-
-
-class FakeHost:
-    """Records requests; its model is whatever arch the test says."""
-
-    def __init__(self, arch: Arch, lora_dir: Path, outputs: Path):
-        self.arch, self.requests, self.stopped = arch, [], False
-        self.library, self.outputs = LoraLibrary(lora_dir), outputs
-
-    def model_info(self):
-        return ModelInfo(self.arch, "fake", "abc", "fake.safetensors", 1024 if self.arch is Arch.SDXL else 512)
-
-    def model_error(self):
-        return ""
-
-    def load_model(self, source):
-        return self.model_info()
-
-    def lora_library(self):
-        return self.library
-
-    def block_presets(self):
-        return {**blocks.builtin_presets(self.arch), "MINE": "1,0,0,0,0,0,0,0,0,0,0,1"}
-
-    def generate(self, params, progress=None, should_stop=None):
-        self.requests.append(params)
-        if progress:
-            progress(1, params.steps)
-        return HostResult([], ["info"], [params.seed], [])
-
-    def interrupt(self):
-        self.stopped = True
-
-    def interrupted(self):
-        return self.stopped
-
-    def outputs_dir(self):
-        return self.outputs
 
 
 def no_progress(fraction, desc=None):
@@ -196,7 +156,7 @@ def test_handlers_map_inputs_to_requests_on_an_sdxl_host(tmp_path, lora_dir):
     assert (params.prompt, params.sampler, params.steps, params.cfg_scale, params.seed) == \
         ("a dog <lora:x:1>", "DDIM", 30, 5.5, 7)
     assert (params.width, params.height, params.batch_size) == (1024, 768, 2)
-    assert isinstance(params.steps, int) and out[tab.output.infotext] == "info"
+    assert isinstance(params.steps, int) and out[tab.output.infotext] == "a dog <lora:x:1>\nSteps: 30, Seed: 7"
     mine = editor.on_preset({editor.preset: "MINE"})
     assert mine[editor.sliders["BASE"]] == 1 and mine[editor.sliders["OUT05"]] == 1 and mine[editor.lbw] == "MINE"
     changed = editor.on_model_changed()

@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run TOML with sd-scripts option names")
     parser.add_argument("--dataset_config", help="dataset TOML ([general] / [[datasets]] / [[datasets.subsets]])")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--option value ... (sd-scripts names)")
+    parser.epilog = ("Any other --option value (sd-scripts' names) overrides the TOML, e.g. "
+                     "--max_train_steps 10 --network_args conv_dim=4 conv_alpha=1 --flip_aug")
+
+
+TAKES_OVERRIDES = True  # the front door hands every option it does not know to `run` as `args.overrides`
 
 
 class ConsoleProgress:
@@ -77,8 +81,13 @@ def run(args: argparse.Namespace) -> int:
     from lib_lora.train.run import train
     from lib_lora.train.toml_config import load_config
 
-    overrides = [t for t in args.overrides if t != "--"]
-    cfg = load_config(args.config, args.dataset_config, overrides)
+    cfg = load_config(args.config, args.dataset_config, args.overrides)
+    if cfg.data.debug_dataset:  # sd-scripts: show the dataset, then exit without training
+        from lib_lora.train.data.summary import debug_report
+
+        seed = cfg.run.seed if cfg.run.seed is not None else 0
+        print(debug_report(cfg.data, seed, prior_loss_weight=cfg.loss.prior_loss_weight))
+        return 0
     stop = StopOnSignal()
     uninstall = stop.install()
     main_process = int(os.environ.get("RANK", "0")) == 0  # under a launcher only rank 0 talks

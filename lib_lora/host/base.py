@@ -6,14 +6,18 @@ beside it and are the only files that import `modules.*`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lib_lora.lora_library import LoraLibrary
 from lib_lora.sd.pipeline import GenerationParams
 from lib_lora.types import Arch
+
+if TYPE_CHECKING:
+    from lib_lora.info import NetworkInfo
+    from lib_lora.train.runs import RunManager
 
 ProgressFn = Callable[[int, int], None]  # (step, total)
 StopFn = Callable[[], bool]
@@ -79,3 +83,46 @@ class Host(Protocol):
 
     def outputs_dir(self) -> Path:
         """Where generated images are saved."""
+
+    def samplers(self) -> list[str]:
+        """The sampler names this host's generation accepts (the UI's dropdowns and the X/Y sampler axis)."""
+
+    # ------------------------------------------------------------------------------------ X/Y plots
+
+    def generate_series(self, requests: Sequence[GenerationParams], progress: ProgressFn | None = None,
+                        should_stop: StopFn | None = None) -> Iterator[HostResult]:
+        """Generate several requests one after another, yielding one result per request. LoRA weights stay applied
+        between requests, so requests that differ only in LoRA strengths or block weights re-patch only the weights
+        that change; the model is restored when the series ends (exhausted or closed). `should_stop` is checked
+        between requests (the current image is finished)."""
+
+    def seconds_per_step(self, params: GenerationParams) -> float:
+        """Measured (or freshly timed) seconds per sampling step at the size of `params`: plot estimates."""
+
+    # ------------------------------------------------------------------------------------ training
+
+    def training(self) -> RunManager:
+        """The run manager living in the host process: queue, live runs, logs (they outlive a browser tab)."""
+
+    def train_defaults(self) -> dict[str, Any]:
+        """Form values this host proposes (sd-scripts names): base model, output folder (its LoRA folder),
+        resolution of its model."""
+
+    def settings_dir(self) -> Path:
+        """Where the UI keeps its own files (last-used training values, typed sample prompts, inline datasets)."""
+
+    # ------------------------------------------------------------------------------------ LoRA tools
+
+    def lora_info(self, name: str) -> NetworkInfo:
+        """What a LoRA file of the library holds (`python -m lib_lora info`)."""
+
+    def edit_lora_metadata(self, name: str, changes: Mapping[str, str | None]) -> NetworkInfo:
+        """Write metadata keys of a library file (None removes a key), atomically, hashes recomputed."""
+
+    def checkpoints(self) -> list[str]:
+        """Model files the LoRA tools may read or write (merge into a model, extract from a pair)."""
+
+    def run_operation(self, operation: Callable[..., Any], request: Any, progress: Callable[[int, int, str], None]
+                      | None = None, should_stop: StopFn | None = None) -> Any:
+        """Run a LoRA tool (`lib_lora.ops` function and its request) the way this host runs long work (its device,
+        its lock); the LoRA folder is rescanned afterwards. Raises what the operation raises."""

@@ -7,7 +7,16 @@ from lib_lora.io.hashes import (
     sha256_file,
     short_hash,
 )
-from lib_lora.io.safetensors_io import LoadedFile, load_file, load_state_dict, read_header, read_metadata, save_file
+from lib_lora.io.safetensors_io import (
+    LoadedFile,
+    load_file,
+    load_state_dict,
+    read_header,
+    read_metadata,
+    remove_stale_temporaries,
+    save_file,
+    temp_prefix,
+)
 
 __all__ = [
     "LoadedFile",
@@ -19,7 +28,9 @@ __all__ = [
     "precalculate_hashes",
     "read_header",
     "read_metadata",
+    "remove_stale_temporaries",
     "save_file",
     "sha256_file",
     "short_hash",
+    "temp_prefix",
 ]

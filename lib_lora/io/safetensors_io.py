@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +21,7 @@ import torch
 from safetensors.torch import load_file as st_load_path
 from safetensors.torch import save_file as st_save_file
 
-from lib_lora.errors import FileFormatError
+from lib_lora.errors import FileFormatError, WriteError, describe_os_error, is_write_failure
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER = 100 * 1024 * 1024
@@ -157,9 +160,21 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         return load_file(path, device)
     if not os.path.exists(path):
         raise FileFormatError(path, "file not found")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # 8-byte header length, then the JSON header
+        return load_file(path, device)  # a safetensors file under a pickle name: read it safely as what it is
+    # torch.save writes a zip archive; older files are a bare pickle (protocol 2+ starts with 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        other = _sniff_other_format(path, head)
+        raise FileFormatError(path, "not a PyTorch checkpoint (neither a torch zip archive nor a pickle)"
+                              + (f": it looks like {other}" if other else f"; it starts with bytes {head[:4].hex()}"))
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load's refusal comes in several exception types
+        if "weights only" not in str(exc).lower() and "unsupported global" not in str(exc).lower():
+            raise FileFormatError(path, f"damaged or truncated PyTorch file ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         raise FileFormatError(
             path,
             "refusing to unpickle this file: it holds objects other than tensors, and unpickling can run "
@@ -190,7 +205,7 @@ def save_file(
         raise TypeError(f"safetensors metadata values must be strings; not for keys {bad}")
     prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         st_save_file(prepared, tmp, metadata=meta or None)
@@ -200,13 +215,16 @@ def save_file(
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, WriteError)) or not is_write_failure(exc):
+            raise
+        raise WriteError(str(path), describe_os_error(exc)) from exc
     _fsync_dir(path.parent)
 
 
+<<<<<<< HEAD
 def _sort_metadata(path: str) -> None:
     """Rewrite a safetensors header with its metadata keys sorted, in place.
 
@@ -227,6 +245,52 @@ def _sort_metadata(path: str) -> None:
 
 def default_file_mode() -> int:
     """The mode a plain `open(path, "w")` would give a new file (0666 minus the umask)."""
+=======
+def temp_prefix(target: Path) -> str:
+    """Hidden temporaries carry the writer's process id, so a later run can tell an abandoned one (its writer
+    is gone: killed during a save) from one being written right now."""
+    return f".{target.name}.{os.getpid()}-"
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]*\.tmp$|^\.(?P<old>.+)\.old-(?P<oldpid>\d+)$")
+_ANONYMOUS_TEMP = re.compile(r"^\..+\.tmp$")
+STALE_AFTER_S = 3600  # temporaries without a process id (older versions): left alone for an hour
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporaries of atomic saves in `folder` whose writer is gone; returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for entry in folder.iterdir():
+        match = _TEMP.match(entry.name)
+        if match:
+            stale = not _alive(int(match["pid"] or match["oldpid"]))
+        else:
+            stale = bool(_ANONYMOUS_TEMP.match(entry.name)) and now - entry.stat().st_mtime > STALE_AFTER_S
+        if stale:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _umask() -> int:
+>>>>>>> main
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

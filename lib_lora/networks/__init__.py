@@ -17,7 +17,7 @@ from torch import Tensor
 from lib_lora import keys
 from lib_lora.errors import FileFormatError
 from lib_lora.io import LoadedFile, load_state_dict
-from lib_lora.networks import full, ia3, loha, lokr, lora  # noqa: F401  (registration order = detection order)
+from lib_lora.networks import full, ia3, loha, lokr, lora, norm, oft  # noqa: F401  (registration order = detection order)
 from lib_lora.networks.base import LayerOp, NetworkModule
 from lib_lora.networks.registry import ALGORITHMS, detect, register
 from lib_lora.types import Arch, Component, component_of
@@ -60,7 +60,8 @@ class LoadedNetwork:
 
 
 def module_label(module: NetworkModule) -> str:
-    """What users call the module's algorithm: lora, locon (LoRA on a k x k conv), dora, loha, lokr, ia3, full."""
+    """What users call the module's algorithm: lora, locon (LoRA on a k x k conv), dora, loha, lokr, ia3, full,
+    diag-oft, norm (a normalization layer's change, LyCORIS train_norm)."""
     if module.dora_scale is not None and module.algo == "lora":
         return "dora"
     if isinstance(module, lora.LoRAModule):

@@ -28,14 +28,17 @@ from lib_lora.errors import NonFiniteError, ShapeMismatchError
 
 @dataclass(frozen=True)
 class LayerOp:
-    """How the targeted layer applies its weight: linear, or conv2d with its geometry."""
+    """How the targeted layer applies its weight: linear, conv2d with its geometry, or a normalization layer's
+    affine weight and bias (group_norm: `groups` groups; layer_norm: over `normalized_shape`; both with `eps`)."""
 
-    kind: str  # 'linear' | 'conv'
+    kind: str  # 'linear' | 'conv' | 'group_norm' | 'layer_norm'
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] | str = (0, 0)
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     pointwise: bool = False  # a 1x1 conv that is a per-pixel matrix product (stride 1, no padding, one group)
+    normalized_shape: tuple[int, ...] = ()
+    eps: float = 1e-5
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerOp:
@@ -44,11 +47,22 @@ class LayerOp:
             pointwise = tuple(module.kernel_size) == (1, 1) and geometry[0] == (1, 1) and geometry[1] in (
                 (0, 0), "valid") and geometry[2] == (1, 1) and geometry[3] == 1
             return cls("conv", *geometry, pointwise=pointwise)
+        if isinstance(module, nn.GroupNorm):
+            return cls("group_norm", groups=module.num_groups, eps=module.eps)
+        if isinstance(module, nn.LayerNorm):
+            return cls("layer_norm", normalized_shape=tuple(module.normalized_shape), eps=module.eps)
         return cls("linear")
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.kind == "linear":
             return F.linear(x, weight, bias)
+        if self.kind == "group_norm":
+            return F.group_norm(x, self.groups, weight.reshape(-1), None if bias is None else bias.reshape(-1),
+                                self.eps)
+        if self.kind == "layer_norm":
+            shape = self.normalized_shape
+            return F.layer_norm(x, shape, weight.reshape(shape), None if bias is None else bias.reshape(shape),
+                                self.eps)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -73,6 +87,7 @@ class NetworkModule(nn.Module):
     tensor_names: ClassVar[tuple[str, ...]] = ()  # file suffixes this algorithm reads (besides alpha, dora_scale)
     detect_names: ClassVar[tuple[str, ...]] = ()  # any of these present => this algorithm
     uses_alpha: ClassVar[bool] = True
+    alpha_is_scale: ClassVar[bool] = True  # alpha / rank scales ΔW (OFT stores its constraint under alpha instead)
 
     def __init__(self, name: str):
         super().__init__()
@@ -87,6 +102,8 @@ class NetworkModule(nn.Module):
         self.dropout = 0.0
         self.rank_dropout = 0.0
         self.module_dropout = 0.0
+        # training only (LyCORIS bypass_mode): always add the change to the layer's output, never rebuild the weight
+        self.bypass_only = False
 
     def lora_device(self) -> torch.device:
         """Device of the module's tensors (cpu when it has none)."""
@@ -182,6 +199,19 @@ class NetworkModule(nn.Module):
     def bias_delta(self) -> Tensor | None:
         return None
 
+    # -- scale_weight_norms (sd-scripts / LyCORIS max-norm regularisation) -------------------------
+
+    has_max_norm: ClassVar[bool] = False  # LyCORIS bounds no norm for IA3 and full
+
+    @torch.no_grad()
+    def max_norm_value(self) -> Tensor:
+        """The norm scale_weight_norms bounds: ‖ΔW‖ (scale included)."""
+        return self.delta(torch.zeros(self.delta_shape(), device=self.lora_device())).norm()
+
+    def scale_change_(self, ratio: float) -> None:
+        """Multiply `max_norm_value` by `ratio` in place (ratio < 1)."""
+        raise NotImplementedError(f"{self.algo} has no max-norm regularisation")
+
 
     def merged(self, w0: Tensor, multiplier: float) -> Tensor:
         """W' at `multiplier` in float32 (w0 is converted)."""
@@ -215,8 +245,10 @@ class NetworkModule(nn.Module):
         override it."""
         return None
 
-    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
-        """Layer output with this change applied, computed beside the frozen weight `w0`."""
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float,
+               b0: Tensor | None = None) -> Tensor:
+        """Layer output with this change applied, computed beside the frozen weight `w0` (and bias `b0`, which
+        algorithms acting on the layer's output rather than adding to it need)."""
         if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
             return base_out
         dw = self.merged(w0, multiplier) - _as_float(w0)

@@ -50,15 +50,24 @@ class LoHaModule(NetworkModule):
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoHaModule:
-        """Trainable LoHa initialised as LyCORIS does: w1 random, w2_a zero so ΔW starts at 0."""
-        out_f, in_f = shape[0], math.prod(shape[1:])
-        t = {
-            "hada_w1_a": torch.randn(out_f, rank, generator=generator, dtype=dtype) * 0.1,
-            "hada_w1_b": torch.randn(rank, in_f, generator=generator, dtype=dtype),
-            "hada_w2_a": torch.zeros(out_f, rank, dtype=dtype),
-            "hada_w2_b": torch.randn(rank, in_f, generator=generator, dtype=dtype),
-        }
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               use_tucker: bool = False) -> LoHaModule:
+        """Trainable LoHa initialised as LyCORIS does: w1 random, w2_a zero so ΔW starts at 0. With `use_tucker` a
+        k x k convolution gets LyCORIS' Tucker form (`hada_t1`/`hada_t2` [r, r, kh, kw], factors [r, out], [r, in])."""
+        kernel = tuple(shape[2:])
+
+        def normal(*size, std=1.0):
+            return torch.randn(*size, generator=generator, dtype=dtype) * std
+
+        if use_tucker and any(k > 1 for k in kernel):
+            out_f, in_f = shape[0], shape[1]
+            t = {"hada_t1": normal(rank, rank, *kernel, std=0.1), "hada_t2": normal(rank, rank, *kernel, std=0.1),
+                 "hada_w1_a": normal(rank, out_f, std=0.1), "hada_w1_b": normal(rank, in_f),
+                 "hada_w2_a": torch.zeros(rank, out_f, dtype=dtype), "hada_w2_b": normal(rank, in_f)}
+        else:
+            out_f, in_f = shape[0], math.prod(shape[1:])
+            t = {"hada_w1_a": normal(out_f, rank, std=0.1), "hada_w1_b": normal(rank, in_f),
+                 "hada_w2_a": torch.zeros(out_f, rank, dtype=dtype), "hada_w2_b": normal(rank, in_f)}
         module = cls(name, t, trainable=True)
         module.alpha = torch.tensor(float(alpha or rank))
         return module
@@ -66,6 +75,14 @@ class LoHaModule(NetworkModule):
     @property
     def rank(self) -> int:
         return self.hada_w1_b.shape[0]
+
+    has_max_norm = True
+
+    @torch.no_grad()
+    def scale_change_(self, ratio: float) -> None:
+        root = math.sqrt(ratio)  # ΔW = w1 ⊙ w2, each linear in its `a` factor
+        self.hada_w1_a.mul_(root)
+        self.hada_w2_a.mul_(root)
 
     def delta_shape(self) -> tuple[int, ...]:
         if self.hada_t1 is not None:

@@ -60,16 +60,37 @@ class LoKrModule(NetworkModule):
 
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *, factor: int = -1,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> LoKrModule:
-        """Trainable LoKr as LyCORIS builds it: w1 full [a, c], w2 low rank with w2_a = 0 (ΔW starts at 0)."""
+               use_tucker: bool = False, decompose_both: bool = False, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32) -> LoKrModule:
+        """Trainable LoKr as LyCORIS builds it, ΔW = 0 at the start.
+
+        The weight [out, in(, kh, kw)] splits as out = a·b, in = c·d (`factorization` by `factor`); w1 [a, c] is
+        full (low rank [a, r] x [r, c] with `decompose_both` when r < max(a, c)/2); w2 [b, d(, kh, kw)] is low rank
+        [b, r] x [r, d·kh·kw] (Tucker with `use_tucker` on a k x k conv) unless r >= max(b, d)/2, where it is full
+        (LyCORIS' rule: a dim at or above the layer's size, e.g. 100000, asks for full factors). With both factors
+        full the scale is 1. Initialisation (LyCORIS): w1, w2_a, t2 Kaiming-uniform; w2_b, or a full w2, zero.
+        """
         a, b = factorization(shape[0], factor)
         c, d = factorization(shape[1], factor)
-        kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
-        t = {
-            "lokr_w1": torch.randn(a, c, generator=generator, dtype=dtype) * 0.1,
-            "lokr_w2_a": torch.zeros(b, rank, dtype=dtype),
-            "lokr_w2_b": torch.randn(rank, d * kernel, generator=generator, dtype=dtype) * 0.1,
-        }
+        kernel = tuple(shape[2:])
+
+        def kaiming(*size):
+            t = torch.empty(*size, dtype=dtype)
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+            return t
+
+        t: dict[str, Tensor] = {}
+        if decompose_both and rank < max(a, c) / 2:
+            t["lokr_w1_a"], t["lokr_w1_b"] = kaiming(a, rank), kaiming(rank, c)
+        else:
+            t["lokr_w1"] = kaiming(a, c)
+        if rank >= max(b, d) / 2:
+            t["lokr_w2"] = torch.zeros(b, d, *kernel, dtype=dtype)
+        elif use_tucker and any(k > 1 for k in kernel):
+            t["lokr_t2"] = kaiming(rank, rank, *kernel)
+            t["lokr_w2_a"], t["lokr_w2_b"] = kaiming(rank, b), torch.zeros(rank, d, dtype=dtype)
+        else:
+            t["lokr_w2_a"], t["lokr_w2_b"] = kaiming(b, rank), torch.zeros(rank, d * math.prod(kernel), dtype=dtype)
         module = cls(name, t, trainable=True)
         module.alpha = torch.tensor(float(alpha or rank))
         return module
@@ -81,6 +102,24 @@ class LoKrModule(NetworkModule):
         if self.lokr_w2_b is not None:
             return self.lokr_w2_b.shape[0]
         return None
+
+    def delta_shape(self) -> tuple[int, ...]:
+        """[a·b, c·d(, kh, kw)]: with a full 4-dim w2 or Tucker's t2 the kernel is the factors' own."""
+        a = (self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a).shape[0]
+        c = (self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_b).shape[1]
+        if self.lokr_w2 is not None:
+            b, d, *kernel = self.lokr_w2.shape
+        elif self.lokr_t2 is not None:
+            b, d, kernel = self.lokr_w2_a.shape[1], self.lokr_w2_b.shape[1], list(self.lokr_t2.shape[2:])
+        else:
+            b, d, kernel = self.lokr_w2_a.shape[0], self.lokr_w2_b.shape[1], []
+        return (a * b, c * d, *kernel)
+
+    has_max_norm = True
+
+    @torch.no_grad()
+    def scale_change_(self, ratio: float) -> None:
+        (self.lokr_w1 if self.lokr_w1 is not None else self.lokr_w1_a).mul_(ratio)  # kron is linear in w1
 
     def _w1(self) -> Tensor:
         if self.lokr_w1 is not None:

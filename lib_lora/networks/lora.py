@@ -42,6 +42,9 @@ class LoRAModule(NetworkModule):
         self.lora_mid = _Weight(mid, trainable) if mid is not None else None
         # training only: DyLoRA's unit (train a random leading block of ranks each step, so any prefix works alone)
         self.dylora_unit = 0
+        # training only: how rank dropout rescales the kept ranks: "keep" = by 1 / (1 - rate) (sd-scripts), "none"
+        # (LyCORIS' default), "mean" = by 1 / the share kept this call (LyCORIS rank_dropout_scale)
+        self.rank_dropout_rescale = "keep"
         # training only: ΔW (scale included, [out, in·k·k]) computed for this forward/backward pass together with
         # other modules of the same shape (`TrainableNetwork.share_deltas`); None outside such a pass
         self.shared_delta: Tensor | None = None
@@ -62,18 +65,25 @@ class LoRAModule(NetworkModule):
     @classmethod
     def create(cls, name: str, shape: torch.Size, rank: int, alpha: float | None = None, *,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               dora_weight: Tensor | None = None) -> LoRAModule:
+               dora_weight: Tensor | None = None, use_tucker: bool = False) -> LoRAModule:
         """A new trainable module for a weight of `shape`, initialised as kohya does (up = 0).
 
         With `dora_weight` (the base weight W0) it is a DoRA module: a trainable magnitude per output row,
-        initialised to the row norms of W0 (LyCORIS' default orientation), so training starts at W0.
+        initialised to the row norms of W0 (LyCORIS' default orientation), so training starts at W0. With
+        `use_tucker` a k x k convolution gets LyCORIS' Tucker form: 1x1 down, k x k `lora_mid` [r, r, kh, kw]
+        (initialised like down), 1x1 up.
         """
         out_f, in_f = shape[0], shape[1]
         kernel = tuple(shape[2:])
-        down = torch.empty((rank, in_f, *kernel), dtype=dtype)
+        tucker = use_tucker and any(k > 1 for k in kernel)
+        down = torch.empty((rank, in_f, *(len(kernel) * [1] if tucker else kernel)), dtype=dtype)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         up = torch.zeros((out_f, rank, *([1] * len(kernel))), dtype=dtype)
-        module = cls(name, down, up, trainable=True)
+        mid = None
+        if tucker:
+            mid = torch.empty((rank, rank, *kernel), dtype=dtype)
+            nn.init.kaiming_uniform_(mid, a=math.sqrt(5), generator=generator)
+        module = cls(name, down, up, mid, trainable=True)
         module.alpha = torch.tensor(float(alpha or rank))
         if dora_weight is not None:
             norms = dora_weight.detach().to(torch.float32).reshape(out_f, -1).norm(dim=1)
@@ -83,6 +93,14 @@ class LoRAModule(NetworkModule):
     @property
     def rank(self) -> int:
         return self.lora_down.weight.shape[0]
+
+    has_max_norm = True
+
+    @torch.no_grad()
+    def scale_change_(self, ratio: float) -> None:
+        root = math.sqrt(ratio)  # ΔW is linear in each of up and down
+        self.lora_up.weight.mul_(root)
+        self.lora_down.weight.mul_(root)
 
     def delta_shape(self) -> tuple[int, ...]:
         down, up = self.lora_down.weight, self.lora_up.weight
@@ -133,7 +151,8 @@ class LoRAModule(NetworkModule):
         if shared is not None:
             weight = torch.add(w0.reshape(shared.shape), shared, alpha=multiplier)
         else:
-            if self.dora_scale is not None or self.lora_mid is not None or (self.training and self.varies_per_call):
+            if self.dora_scale is not None or self.lora_mid is not None or self.bypass_only or (
+                    self.training and self.varies_per_call):
                 return None
             down, up = self.lora_down.weight, self.lora_up.weight
             out_f, in_f, r = w0.shape[0], w0[0].numel(), down.shape[0]
@@ -143,8 +162,10 @@ class LoRAModule(NetworkModule):
                 rows = x.shape[0] * x.shape[-1] * x.shape[-2] // (layer.stride[0] * layer.stride[1])
             if not rebuild_is_cheaper(rows, in_f, out_f, r, build=True):
                 return None
-            weight = torch.addmm(w0.reshape(out_f, -1).to(up.dtype), up.reshape(out_f, r), down.reshape(r, -1),
-                                 alpha=multiplier * self.scale)
+            # in the wider of the two dtypes: an fp16 file on a float32 model must not round W0 to fp16
+            dtype = torch.promote_types(w0.dtype, up.dtype)
+            weight = torch.addmm(w0.reshape(out_f, -1).to(dtype), up.reshape(out_f, r).to(dtype),
+                                 down.reshape(r, -1).to(dtype), alpha=multiplier * self.scale)
         if not torch.is_autocast_enabled():
             weight = weight.to(x.dtype)
         if layer.pointwise and x.device.type == "cpu":
@@ -171,11 +192,12 @@ class LoRAModule(NetworkModule):
         up = torch.cat([up[:, : k - unit].detach(), up[:, k - unit : k]], dim=1)
         return down, up, float(self.alpha) / k
 
-    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float) -> Tensor:
+    def bypass(self, x: Tensor, base_out: Tensor, layer: LayerOp, w0: Tensor, multiplier: float,
+               b0: Tensor | None = None) -> Tensor:
         if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
             return base_out
         if self.dora_scale is not None:
-            return super().bypass(x, base_out, layer, w0, multiplier)
+            return super().bypass(x, base_out, layer, w0, multiplier, b0)
         if self.shared_delta is not None:  # every use of ΔW goes through the shared one while it is set
             return base_out + layer(x, (self.shared_delta * multiplier).reshape(w0.shape).to(x.dtype))
         down, up, scale = self._factors(x.dtype)
@@ -194,8 +216,12 @@ class LoRAModule(NetworkModule):
             # one keep/drop decision per sample and rank channel, survivors rescaled (sd-scripts' rank_dropout)
             shape = (h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1]) if layer.kind == "linear" else \
                 (h.shape[0], h.shape[1], *([1] * (h.dim() - 2)))
-            h = h * (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
-            scale = scale / (1.0 - self.rank_dropout)
+            keep = (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
+            h = h * keep
+            if self.rank_dropout_rescale == "keep":
+                scale = scale / (1.0 - self.rank_dropout)
+            elif self.rank_dropout_rescale == "mean":  # LyCORIS rank_dropout_scale: by the share actually kept
+                h = h / keep.mean().clamp(min=1.0 / keep.numel())
         if layer.kind == "linear":
             h = F.linear(h, up if up.dim() == 2 else up.flatten(1))
         else:
@@ -242,7 +268,8 @@ def delta_groups(modules: Iterable[NetworkModule], max_elements: int) -> list[De
     (`rebuild_is_cheaper` without the build term); groups of one gain nothing and are left out."""
     by_shape: dict[tuple, list[LoRAModule]] = defaultdict(list)
     for m in modules:
-        if not isinstance(m, LoRAModule) or m.lora_mid is not None or m.dora_scale is not None or m.varies_per_call:
+        if not isinstance(m, LoRAModule) or m.lora_mid is not None or m.dora_scale is not None or m.varies_per_call \
+                or m.bypass_only:
             continue
         up, down = m.lora_up.weight, m.lora_down.weight
         out_f, in_f = up.shape[0], down[0].numel()

@@ -40,11 +40,11 @@ def match_text_encoder_keys(tensors: dict[str, torch.Tensor], module_keys: set[s
     Files use `text_model.encoder...` (transformers 4, the web UI, sd-scripts); transformers 5's flattened
     CLIPTextModel calls the same tensors `encoder...`. Either spelling loads into either module tree.
     """
-    module_prefixed = any(k.startswith(TE_PREFIX) for k in module_keys)
     out = {}
     for key, value in tensors.items():
         bare = key[len(TE_PREFIX):] if key.startswith(TE_PREFIX) else key
-        out[TE_PREFIX + bare if module_prefixed else bare] = value
+        # `text_projection` (SDXL's second encoder) sits beside `text_model` in both trees
+        out[TE_PREFIX + bare if TE_PREFIX + bare in module_keys else bare if bare in module_keys else key] = value
     return out
 
 

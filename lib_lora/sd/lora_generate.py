@@ -151,12 +151,16 @@ def generate_with_loras(
     user_presets: Mapping[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    keep_applied: bool = False,
 ) -> GenerationResult:
     """Generate `params` (prompt in the web UI's syntax) with the LoRAs it names; the model is restored after.
 
     Args:
         patcher: a merge-mode patcher over `model_targets(model)`, reused across calls (built if None).
         user_presets: `lbw=` presets besides the built-in ones (`NAME: w1,w2,...`).
+        keep_applied: leave the LoRAs merged after the call; the caller restores (`patcher.restore()`) when its
+            series of calls ends. The next call then re-merges only the weights whose strengths differ (X/Y plots).
+            On an error the model is restored all the same.
 
     Raises:
         LibLoraError subclasses for bad input (see `plan_loras`, `GenerationParams.validate`) and
@@ -166,15 +170,20 @@ def generate_with_loras(
     plan = plan_loras(params.prompt, model.arch, library, params.steps, user_presets)
     extra = {"Lora hashes": plan.hashes_infotext(library)} if plan.loras else None
     if not plan.loras:
+        if patcher is not None and patcher.active:
+            patcher.restore()  # a series' previous call left LoRAs merged
         return generate(model, params, progress=progress, should_stop=should_stop)
     patcher = patcher or WeightPatcher(model_targets(model))
     switcher = StepSwitcher(patcher, plan)
+    ok = False
     try:
         _apply_checked(switcher, 0)
         result = generate(model, replace(params, prompt=plan.prompt), progress=progress, should_stop=should_stop,
                           on_step=switcher, extra_infotext=extra)
+        ok = True
     finally:
-        patcher.restore()
+        if not (ok and keep_applied):
+            patcher.restore()
     # The infotext keeps the prompt as typed, tags included, so "PNG Info" -> txt2img re-applies the LoRAs.
     size = params.resolved_size(model)
     shown = replace(params, width=size[0], height=size[1])

@@ -146,10 +146,13 @@ def sample_placement(rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> 
     return Placement(float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)), float(size))
 
 
-def render(combo: Combo, placement: Placement, image_size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
-    """Draw a scene as an (H, W, 3) uint8 array, anti-aliased by supersampling."""
+def render(combo: Combo, placement: Placement, image_size: int = IMAGE_SIZE, supersample: int = 4,
+           colours: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Draw a scene as an (H, W, 3) uint8 array, anti-aliased by supersampling. `colours` (name -> RGB) are
+    looked up before the named `COLOURS` (sample datasets draw colours the model does not know)."""
+    table = {**COLOURS, **(colours or {})}
     try:
-        kind, fg, bg = SHAPES[combo.shape], COLOURS[combo.colour], COLOURS[combo.background]
+        kind, fg, bg = SHAPES[combo.shape], table[combo.colour], table[combo.background]
     except KeyError as exc:
         raise KeyError(f"unknown shape or colour {exc.args[0]!r} in {combo}: shapes {sorted(SHAPES)}, "
                        f"colours {sorted(COLOURS)}") from None

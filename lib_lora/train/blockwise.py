@@ -143,7 +143,9 @@ def dims_by_block(network: NetworkConfig, arch: Arch, *, conv: bool = False) -> 
     if dims is None and lrs is None:
         return None
     default_dim = network.network_args.conv_dim if conv else network.network_dim
-    default_alpha = network.conv_alpha if conv else network.alpha
+    # conv: conv_alpha as given, 1.0 when unset (sd-scripts, also with conv_block_dims and no conv_dim); 0 = dim below
+    conv_alpha = network.network_args.conv_alpha
+    default_alpha = (1.0 if conv_alpha is None else conv_alpha) if conv else network.alpha
     if dims is None and default_dim is None:
         return None  # no conv modules at all
     ids = list(lrs) if lrs is not None else list(_block_values(dims, arch, "block_dims"))

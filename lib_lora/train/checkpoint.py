@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from lib_lora.errors import ConfigError
-from lib_lora.io import load_file, save_file
+from lib_lora.errors import ConfigError, WriteError, describe_os_error, is_write_failure
+from lib_lora.io import load_file, save_file, temp_prefix
 
 STATE_FILE = "train_state.json"
 STATE_VERSION = 1
@@ -71,7 +71,7 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 def _atomic_dir(target: Path, write) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         mask = os.umask(0)
         os.umask(mask)
@@ -84,8 +84,10 @@ def _atomic_dir(target: Path, write) -> None:
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc) and not isinstance(exc, WriteError):
+            raise WriteError(str(target), describe_os_error(exc)) from exc
         raise
 
 
@@ -110,6 +112,25 @@ class LoadedState:
     scheduler: dict
 
 
+def read_state(folder: Path) -> TrainState:
+    """The `train_state.json` of a state folder (checked), without loading tensors.
+
+    Raises:
+        ConfigError('resume', ...): missing/corrupt folder or another version.
+    """
+    folder = Path(folder)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise ConfigError("resume", str(folder), f"not a training state folder (no {STATE_FILE})")
+    try:
+        state = TrainState(**json.loads(state_file.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError("resume", str(state_file), f"unreadable state ({exc})") from None
+    if state.version != STATE_VERSION:
+        raise ConfigError("resume", str(folder), f"state version {state.version}, this version reads {STATE_VERSION}")
+    return state
+
+
 def load_state(folder: Path, expected_shapes: dict[str, list[int]]) -> LoadedState:
     """Read a state folder and check it fits the network about to be trained.
 
@@ -117,16 +138,7 @@ def load_state(folder: Path, expected_shapes: dict[str, list[int]]) -> LoadedSta
         ConfigError('resume', ...): missing/corrupt folder, another version, or another network shape.
     """
     folder = Path(folder)
-    state_file = folder / STATE_FILE
-    if not state_file.is_file():
-        raise ConfigError("resume", str(folder), f"not a training state folder (no {STATE_FILE})")
-    try:
-        raw = json.loads(state_file.read_text(encoding="utf-8"))
-        state = TrainState(**raw)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ConfigError("resume", str(state_file), f"unreadable state ({exc})") from None
-    if state.version != STATE_VERSION:
-        raise ConfigError("resume", str(folder), f"state version {state.version}, this version reads {STATE_VERSION}")
+    state = read_state(folder)
     if state.shapes != expected_shapes:
         ours, theirs = set(expected_shapes), set(state.shapes)
         detail = [f"{len(theirs - ours)} tensors only in the state", f"{len(ours - theirs)} only in this network"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lib_lora.errors import ConfigError
 from lib_lora.train import optimizers, schedulers
+from lib_lora.train.algo_args import check_algorithm_args
 
 # Also re-exported for importers of `train.config`: the checks, coercion and block-wise section live beside it.
 from lib_lora.train.blockwise import LR_WEIGHT_PRESETS, BlockwiseConfig, LrWeight  # noqa: F401
@@ -31,7 +32,7 @@ SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "
 # network_module -> algorithm; lycoris.kohya takes its algorithm from network_args `algo`.
 NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "networks.lora_fa": "lora_fa",
                    "networks.loha": "loha", "networks.lokr": "lokr", "lycoris.kohya": None}
-LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full")
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "diag-oft")
 LYCORIS_PRESETS = ("full", "full-lin", "attn-mlp", "attn-only", "unet-transformer-only", "unet-convblock-only")
 LOG_WITH = ("tensorboard", "none")
 
@@ -82,6 +83,11 @@ class NetworkArgs:
     train_norm: bool = False
     preset: str | None = None
     unit: int | None = None
+    block_size: int | None = None  # LyCORIS' name of DyLoRA's unit
+    constraint: float = 0.0  # OFT
+    rescaled: bool = False  # OFT
+    train_on_input: bool = False  # IA3
+    bypass_mode: bool = False  # apply the network as a forward-time addition everywhere (False: the engine picks)
 
     def __post_init__(self) -> None:
         check_positive("conv_dim", self.conv_dim)
@@ -94,6 +100,8 @@ class NetworkArgs:
             check_choice("preset", self.preset, LYCORIS_PRESETS)
         check(self.factor == -1 or self.factor >= 1, "factor", self.factor, "must be -1 (automatic) or >= 1")
         check_positive("unit", self.unit)
+        check_positive("block_size", self.block_size)
+        check_positive("constraint", self.constraint, allow_zero=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,10 +139,11 @@ class NetworkConfig:
         if self.network_module != "lycoris.kohya" and self.network_args.algo is not None:
             raise ConfigError("algo", self.network_args.algo, "is a lycoris.kohya option; set network_module = "
                               "'lycoris.kohya' or drop algo")
+        check_algorithm_args(self)
 
     @property
     def algo(self) -> str:
-        """The algorithm trained: lora, locon, loha, lokr, ia3, dylora, lora_fa or full."""
+        """The algorithm trained: lora, locon, loha, lokr, ia3, dylora, lora_fa, full or diag-oft."""
         algo = NETWORK_MODULES[self.network_module] or self.network_args.algo or "lora"
         if algo == "lora" and self.network_args.conv_dim is not None:
             return "locon"
@@ -187,6 +196,8 @@ class OptimizerConfig:
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
     lr_scheduler_min_lr_ratio: float | None = None
+    lr_scheduler_type: str | None = None  # a torch.optim.lr_scheduler class, as sd-scripts: replaces lr_scheduler
+    lr_scheduler_args: tuple[tuple[str, Any], ...] = ()  # its keyword arguments
 
     def __post_init__(self) -> None:
         # Store the registry's spelling so that logs and metadata read "AdamW8bit" whatever the user typed.
@@ -208,6 +219,11 @@ class OptimizerConfig:
               "must be >= 1")
         check_positive("lr_scheduler_power", self.lr_scheduler_power)
         check_fraction("lr_scheduler_min_lr_ratio", self.lr_scheduler_min_lr_ratio, inclusive_one=True)
+        if self.lr_scheduler_type is not None:
+            schedulers.check_torch_scheduler(self.lr_scheduler_type, self.lr_scheduler_args)
+        else:
+            check(not self.lr_scheduler_args, "lr_scheduler_args", self.lr_scheduler_args,
+                  "are arguments of lr_scheduler_type's class; give lr_scheduler_type too")
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -236,7 +252,8 @@ class OptimizerConfig:
         return schedulers.ScheduleSpec(
             name=self.lr_scheduler, total_steps=total_steps, warmup_steps=self.warmup_steps(total_steps),
             num_cycles=self.lr_scheduler_num_cycles, power=self.lr_scheduler_power,
-            min_lr_ratio=self.lr_scheduler_min_lr_ratio or 0.0)
+            min_lr_ratio=self.lr_scheduler_min_lr_ratio or 0.0, torch_class=self.lr_scheduler_type,
+            torch_args=self.lr_scheduler_args)
 
 
 # ---------------------------------------------------------------------------------------------------- run / output
@@ -310,6 +327,7 @@ class SamplingConfig:
     sample_every_n_steps: int | None = None
     sample_every_n_epochs: int | None = None
     sample_prompts: Path | None = None
+    sample_prompt_text: str | None = None  # ours: prompts typed directly, one per line (sd-scripts' line syntax)
     sample_sampler: str = "ddim"
     sample_at_first: bool = False
 
@@ -317,14 +335,20 @@ class SamplingConfig:
         check_positive("sample_every_n_steps", self.sample_every_n_steps)
         check_positive("sample_every_n_epochs", self.sample_every_n_epochs)
         check_choice("sample_sampler", self.sample_sampler, SAMPLE_SAMPLERS)
+        check(self.sample_prompts is None or self.sample_prompt_text is None, "sample_prompt_text",
+              self.sample_prompt_text, "give either a prompt file (sample_prompts) or prompt text, not both")
         wants = self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first
-        check(not wants or self.sample_prompts is not None, "sample_prompts", None,
+        check(not wants or self.has_prompts, "sample_prompts", None,
               "sample_every_n_steps/epochs or sample_at_first is set, but no prompt file is given")
 
     @property
+    def has_prompts(self) -> bool:
+        return self.sample_prompts is not None or bool(self.sample_prompt_text)
+
+    @property
     def enabled(self) -> bool:
-        return self.sample_prompts is not None and bool(
-            self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first)
+        return self.has_prompts and bool(self.sample_every_n_steps or self.sample_every_n_epochs or
+                                         self.sample_at_first)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,6 +362,7 @@ class LossConfig:
     debiased_estimation_loss: bool = False
     noise_offset: float | None = None
     noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float | None = None
     multires_noise_iterations: int | None = None
     multires_noise_discount: float = 0.3
     masked_loss: bool = False
@@ -349,6 +374,8 @@ class LossConfig:
         check_positive("min_snr_gamma", self.min_snr_gamma)
         check_positive("v_pred_like_loss", self.v_pred_like_loss, allow_zero=True)
         check_positive("noise_offset", self.noise_offset, allow_zero=True)
+        check(self.adaptive_noise_scale is None or bool(self.noise_offset), "adaptive_noise_scale",
+              self.adaptive_noise_scale, "needs noise_offset (it scales the offset by each latent's mean)")
         check_positive("multires_noise_iterations", self.multires_noise_iterations)
         check_fraction("multires_noise_discount", self.multires_noise_discount, inclusive_one=True)
         lo, hi = self.min_timestep or 0, 1000 if self.max_timestep is None else self.max_timestep
@@ -429,9 +456,7 @@ class TrainConfig:
             # The cache holds encodings of the frozen encoder; a trained encoder would make them stale.
             check(self.network.network_train_unet_only, "cache_text_encoder_outputs", True,
                   "needs network_train_unet_only = true (a text encoder being trained changes its outputs)")
-        if self.loss.masked_loss:
-            check(any(s.alpha_mask for s in self.data.subsets), "masked_loss", True,
-                  "needs alpha_mask = true on at least one subset (the mask is the image's alpha channel)")
+        self.data.check_masks(self.loss.masked_loss)
         entry = optimizers.get_entry(self.optimizer.optimizer_type)
         if entry.schedule_free:
             check(self.optimizer.lr_scheduler == "constant", "lr_scheduler", self.optimizer.lr_scheduler,
@@ -442,7 +467,7 @@ class TrainConfig:
 
     def ss_metadata(self) -> dict[str, str]:
         """sd-scripts' training-parameter `ss_*` values of this config (strings, as sd-scripts writes them)."""
-        from lib_lora.train.toml_config import training_metadata
+        from lib_lora.train.metadata import training_metadata
 
         return training_metadata(self)
 

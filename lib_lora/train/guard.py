@@ -8,6 +8,11 @@ the loop restores it, scales the lr by `lr_decay` and continues; after `max_roll
 A new snapshot is only trusted once the `patience` steps after it were good too: the first steps of a blow-up
 often still look normal (or cannot be judged before a baseline exists), and a snapshot taken there would hold
 weights that are already broken.
+
+The baseline is never learned from a diverged stretch: on a rollback to the snapshot of step S, the losses of
+steps after S + 1 are forgotten (the loss of step S + 1 was computed on the snapshot's own weights, so it is
+kept), and from then on one remembered loss is enough for a baseline. Otherwise a run that blew up early (lr 10:
+0.15, then ~1.1 once the lr is lowered) would take the blown-up level for normal and end "finished".
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ class DivergenceGuard:
     def __init__(self, cfg: GuardConfig):
         self.cfg = cfg
         self.enabled = cfg.divergence_guard
-        self.recent: deque[float] = deque(maxlen=cfg.guard_window)
+        self.recent: deque[tuple[int, float]] = deque(maxlen=cfg.guard_window)  # (step, loss) of good steps
+        self.anchored = False  # after a rollback the kept losses are known good: one is enough for a baseline
         self.bad_streak = 0
         self.rollbacks = 0
         self.snapshot: Snapshot | None = None  # trusted
@@ -65,7 +71,8 @@ class DivergenceGuard:
         # Two good losses suffice: a too-high lr often blows up by the third step, and a baseline that waited for
         # more would be made of the blow-up itself (measured: lr 1e-1 on the embedded model, 0.15 -> 1.2 at step
         # 3). A noisy short baseline is harmless: only `patience` bad steps in a row count.
-        return statistics.median(self.recent) if len(self.recent) >= min(2, self.recent.maxlen) else None
+        needed = 1 if self.anchored else min(2, self.recent.maxlen)
+        return statistics.median(loss for _, loss in self.recent) if len(self.recent) >= needed else None
 
     def check(self, step: int, loss: float) -> Verdict:
         """Judge one step's loss (call once per optimizer step)."""
@@ -81,7 +88,7 @@ class DivergenceGuard:
                                             f"baseline {base:.4g} for {self.bad_streak} steps (step {step})")
             return Verdict("ok")
         self.bad_streak = 0
-        self.recent.append(loss)
+        self.recent.append((step, loss))
         if self.pending is not None and step - self.pending.step >= max(1, self.cfg.guard_patience):
             self.snapshot, self.pending = self.pending, None
         return Verdict("ok")
@@ -113,8 +120,19 @@ class DivergenceGuard:
             self.pending = snap
 
     def after_rollback(self) -> None:
-        """Forget the losses of the diverging stretch, so the baseline is the good one."""
+        """Forget the losses of the diverged stretch (those after the first step on the restored snapshot), so
+        the baseline stays the one the good weights gave."""
         self.bad_streak = 0
+        if self.snapshot is not None:
+            kept = [(step, loss) for step, loss in self.recent if step <= self.snapshot.step + 1]
+            self.recent.clear()
+            self.recent.extend(kept)
+            self.anchored = bool(kept)
+
+    @property
+    def unconfirmed_steps(self) -> int:
+        """Steps at the end of the run that were above the baseline but fewer than `patience`."""
+        return self.bad_streak
 
     def report(self) -> str:
         if not self.events:

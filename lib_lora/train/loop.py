@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lib_lora.errors import WriteError
+from lib_lora.io import remove_stale_temporaries
 from lib_lora.train import checkpoint
 from lib_lora.train.events import ProgressEvent
 from lib_lora.train.guard import Verdict
@@ -42,7 +44,10 @@ class Precision:
 
     def __init__(self, mode: str, device: torch.device):
         self.device = device
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
+        # Not on the CPU (`device_notes` says so at the start): bf16 attention there fails on CPUs without
+        # AVX-512 ("pack_vnni2 is only supported when avx512 is supported"), and it saves no memory worth the
+        # precision lost; sd-scripts' GPU figures are what users choose it for.
+        self.dtype = None if device.type == "cpu" else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
         use_scaler = self.dtype is torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
@@ -90,6 +95,11 @@ def run(s: Session) -> TrainResult:
     params = [p for g in s.optimizer.optimizer.param_groups for p in g["params"]]
     precision = Precision(cfg.run.mixed_precision, s.family.device)
     meter, accum = Meter(), cfg.run.gradient_accumulation_steps
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(s.output_dir)
+    if removed:
+        s.emit(ProgressEvent("warning", message=f"removed {len(removed)} unfinished file(s) of an interrupted save: "
+                                                f"{', '.join(p.name for p in removed)}"))
     s.network.attach()
     s.network.train()
     s.family.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
@@ -145,13 +155,17 @@ def _after_step(s: Session, loss: float, meter: Meter, verdict: Verdict, batch_p
         s.emit(ProgressEvent("rollback", step=s.step, total_steps=s.total_steps,
                              message=f"stopping: {verdict.reason}; the last good state is kept"))
         return "diverged"
+    extra = {}
     if s.cfg.network.scale_weight_norms:
-        s.network.apply_max_norm(s.cfg.network.scale_weight_norms)
+        report = s.network.apply_max_norm(s.cfg.network.scale_weight_norms)
+        extra["max_norm"] = {"keys_scaled": report.keys_scaled, "average_key_norm": report.mean_norm,
+                             "max_key_norm": report.max_norm}
     meter.update(loss)
     rate = meter.rate()
     s.emit(ProgressEvent("step", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch, loss=loss,
                          smoothed=meter.smoothed, lrs=_lrs(s), it_per_s=rate,
-                         eta_s=(s.total_steps - s.step) / rate if rate else None, data={"batch": batch_paths}))
+                         eta_s=(s.total_steps - s.step) / rate if rate else None,
+                         data={"batch": batch_paths, **extra}))
     if s.guard.wants_snapshot(s.step):
         s.guard.take(s.step, s.network.state_dict(), s.optimizer.optimizer.state_dict())
     every = s.cfg.validation.validate_every_n_steps
@@ -248,6 +262,27 @@ def _save(s: Session, stem: str, kind: str, keep: int | None, keep_state: int | 
     """Write `<stem>.safetensors` (+ `<stem>-state/` when saving state); keep-last-N per kind."""
     if not s.dist.is_main:
         return None
+    try:
+        return _write(s, stem, kind, keep, keep_state, state)
+    except WriteError as exc:
+        raise WriteError(exc.path, f"{exc.reason}; {_what_is_kept(s)}") from exc
+
+
+def _what_is_kept(s: Session) -> str:
+    files = [p for kind, paths in s.saves.saved.items() if not kind.endswith("-state") for p in paths]
+    states = [p for kind, paths in s.saves.saved.items() if kind.endswith("-state") for p in paths]
+    kept = f"the last file written is {max(files, key=_mtime)}" if files else "no file of this run was written yet"
+    if states:
+        kept += f"; resume from {max(states, key=_mtime)}"
+    return kept + " (free some space, or set save_every_n_steps and save_state, and run again)"
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def _write(s: Session, stem: str, kind: str, keep: int | None, keep_state: int | None,
+           state: bool | None) -> Path:
     with _eval_mode(s):
         dtype = SAVE_DTYPES.get(s.cfg.output.save_precision, torch.float32)
         tensors = s.network.file_tensors(dtype)
@@ -275,11 +310,11 @@ def _save_state(s: Session, folder: Path) -> Path:
 
 
 def _runtime(s: Session) -> dict[str, object]:
-    rank, _ = s.network.ranks()
+    dim = s.network.ranks()[0]
     return {"ss_session_id": s.session_id, "ss_steps": s.step, "ss_epoch": s.sampler.epoch - (s.sampler.position == 0),
             "ss_num_epochs": math.ceil(s.total_steps / max(1, s.sampler.batches_per_epoch)),
             "ss_max_train_steps": s.total_steps, "ss_optimizer": s.optimizer.ss_optimizer, "ss_seed": s.seed,
-            "ss_network_dim": rank}
+            "ss_network_dim": dim}
 
 
 def _finish(s: Session, status: str) -> TrainResult:
@@ -298,14 +333,33 @@ def _report(s: Session, status: str, final: Path | None) -> str:
             f"resume = '{s.output_dir / (s.cfg.output.output_name + '-state')}')",
             "diverged": f"stopped at step {s.step}: the loss diverged and rollbacks did not help; the file holds the "
             f"last good state (step {s.guard.snapshot.step if s.guard.snapshot else 0})"}[status]
+    streak, guard = s.guard.unconfirmed_steps, s.cfg.guard
+    if status == "finished" and streak:
+        what += (f" (warning: the loss of the last {streak} steps stayed above {guard.guard_spike_factor:g} x the "
+                 f"baseline, fewer than guard_patience = {guard.guard_patience}; look at the samples before using "
+                 "the file)")
     return f"{what}. Output: {final}. {s.guard.report()}"
+
+
+def device_notes(s: Session) -> list[str]:
+    """What a GPU setting means on the device the run got."""
+    if s.family.device.type != "cpu":
+        return []
+    notes = []
+    if s.cfg.run.mixed_precision != "no":
+        notes.append(f"mixed_precision = {s.cfg.run.mixed_precision}: training in float32 on the CPU (mixed "
+                     "precision is for GPUs; on CPUs without AVX-512 bf16 attention does not run)")
+    if s.optimizer.entry.bitsandbytes:
+        notes.append(f"{s.optimizer.entry.name} on the CPU: bitsandbytes' CPU kernels run it; its 8-bit states "
+                     "are meant to save GPU memory")
+    return notes
 
 
 def _emit_start(s: Session) -> None:
     from lib_lora.train.network import summarize
 
     counts = ", ".join(f"{k} {v}" for k, v in summarize(s.network).items())
-    notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes)
+    notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes) + device_notes(s)
     config = json.dumps(dataclasses.asdict(s.cfg), default=str, indent=1)
     s.emit(ProgressEvent("start", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch,
                          message=f"training {counts} modules ({s.cfg.network.algo}) on {s.dataset.num_train_images} "

@@ -88,16 +88,23 @@ def sample_timesteps(batch_size: int, *, min_timestep: int | None = None, max_ti
 
 
 def noise_offset(noise: Tensor, offset: float, *, random_strength: bool = False,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, latents: Tensor | None = None,
+                 adaptive_scale: float | None = None) -> Tensor:
     """Offset noise (N. Guttenberg, "Diffusion with Offset Noise", Crosslabs 2023): add offset·N(0, 1) per
     sample and channel, constant over the image, so the model learns to change the mean brightness.
 
     random_strength: the offset is scaled by U(0, 1), one draw per batch (sd-scripts' noise_offset_random_strength).
+    adaptive_scale: the offset grows by adaptive_scale·|mean of the latent| per sample and channel, clamped at 0
+        (sd-scripts' adaptive_noise_scale; a negative scale lowers it). Needs `latents`.
     """
     if random_strength:
         gen_device = generator.device if generator is not None else noise.device
         offset = offset * float(torch.rand(1, generator=generator, device=gen_device))
-    shift = _randn((noise.shape[0], noise.shape[1], *([1] * (noise.dim() - 2))), noise, generator)
+    per_channel = (noise.shape[0], noise.shape[1], *([1] * (noise.dim() - 2)))
+    if adaptive_scale is not None:
+        mean = latents.float().mean(dim=tuple(range(2, latents.dim())), keepdim=True).abs()
+        offset = (offset + adaptive_scale * mean).clamp(min=0.0).to(noise.dtype)
+    shift = _randn(per_channel, noise, generator)
     return noise + offset * shift
 
 
@@ -121,12 +128,13 @@ def multires_noise(noise: Tensor, *, iterations: int, discount: float,
 
 
 def make_noise(latents: Tensor, *, offset: float | None = None, offset_random_strength: bool = False,
-               multires_iterations: int | None = None, multires_discount: float = 0.3,
-               generator: torch.Generator | None = None) -> Tensor:
+               adaptive_noise_scale: float | None = None, multires_iterations: int | None = None,
+               multires_discount: float = 0.3, generator: torch.Generator | None = None) -> Tensor:
     """The noise ε for one batch: N(0, I), then `noise_offset`, then `multires_noise` (sd-scripts' order)."""
     noise = _randn(tuple(latents.shape), latents, generator)
     if offset:
-        noise = noise_offset(noise, offset, random_strength=offset_random_strength, generator=generator)
+        noise = noise_offset(noise, offset, random_strength=offset_random_strength, generator=generator,
+                             latents=latents, adaptive_scale=adaptive_noise_scale)
     if multires_iterations:
         noise = multires_noise(noise, iterations=multires_iterations, discount=multires_discount,
                                generator=generator)

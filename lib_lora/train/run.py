@@ -5,7 +5,9 @@ function and listeners; this module is the diffusers path.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -22,22 +24,36 @@ from lib_lora.train.metadata import ModelFacts
 from lib_lora.train.sample_prompts import SamplePrompt, map_sampler
 from lib_lora.types import Arch
 
-EMBEDDED = "embedded"
-
 
 def load_base_model(cfg: TrainConfig, device: torch.device) -> SDModel:
-    """The model named by `pretrained_model_name_or_path` ('embedded' or unset: the shipped tiny model)."""
-    path = cfg.model.pretrained_model_name_or_path
+    """The model named by `pretrained_model_name_or_path`: 'embedded' or unset (the shipped tiny model), a
+    diffusers folder, or a single-file checkpoint."""
+    from lib_lora.sd.loading import load_model
+
     dtype = torch.float16 if device.type == "cuda" and cfg.run.mixed_precision in ("fp16", "bf16") else torch.float32
-    if path is None or str(path) == EMBEDDED:
-        from lib_lora.sd.embedded import load_embedded
-
-        return load_embedded(device, dtype)
-    from lib_lora.sd.checkpoint import load_checkpoint
-
     arch = Arch.SDXL if cfg.model.sdxl else (Arch.SD2 if cfg.model.v2 else None)
     prediction = "v_prediction" if cfg.model.v_parameterization else None
-    return load_checkpoint(path, arch=arch, prediction_type=prediction, device=device, dtype=dtype)
+    return load_model(cfg.model.pretrained_model_name_or_path, device=device, dtype=dtype, arch=arch,
+                      prediction_type=prediction)
+
+
+@contextlib.contextmanager
+def vae_options(cfg: TrainConfig, model: SDModel) -> Iterator[None]:
+    """`vae` (another VAE file) and `no_half_vae` for the run, on any model, given back as it was afterwards."""
+    original = model.vae
+    dtype = next(original.parameters()).dtype
+    try:
+        if cfg.model.vae is not None:
+            from lib_lora.sd.vae_file import load_vae_file
+
+            model.vae = load_vae_file(cfg.model.vae, original)
+        if cfg.model.no_half_vae and dtype != torch.float32:
+            # SDXL's VAE overflows in fp16 (NaN latents), which is what sd-scripts' option is for
+            model.vae = copy.deepcopy(model.vae).to(torch.float32) if model.vae is original else \
+                model.vae.to(torch.float32)
+        yield
+    finally:
+        model.vae = original
 
 
 def model_facts(model: SDModel) -> ModelFacts:
@@ -75,17 +91,19 @@ def train(cfg: TrainConfig, *, listeners: Sequence[Listener] = (), should_stop: 
     """Load (or take) the base model and train `cfg`; returns the result once the run ends."""
     dist = DistContext.detect(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     model = model or load_base_model(cfg, dist.device)
-    family = family_for(model)
-    try:
-        all_listeners = list(listeners)
-        if cfg.logging.logging_dir is not None and cfg.logging.log_with == "tensorboard" and dist.is_main:
-            from lib_lora.train.tensorboard import TensorBoardLogger
+    with vae_options(cfg, model):
+        family = family_for(model)
+        try:
+            all_listeners = list(listeners)
+            if cfg.logging.logging_dir is not None and cfg.logging.log_with == "tensorboard" and dist.is_main:
+                from lib_lora.train.tensorboard import TensorBoardLogger
 
-            all_listeners.append(TensorBoardLogger(cfg.logging.logging_dir, cfg.logging.log_prefix))
-        out_dir = Path(cfg.output.output_dir) if cfg.output.output_dir else Path("output")
-        sample_fn = pipeline_sampler(model, out_dir / "sample", cfg.sampling.sample_sampler, cfg.output.output_name)
-        s = session.prepare(cfg, family, model_facts(model), listeners=all_listeners, should_stop=should_stop,
-                            sample_fn=sample_fn, dist=dist)
-        return loop.run(s)
-    finally:
-        family.close()
+                all_listeners.append(TensorBoardLogger(cfg.logging.logging_dir, cfg.logging.log_prefix))
+            out_dir = Path(cfg.output.output_dir) if cfg.output.output_dir else Path("output")
+            sample_fn = pipeline_sampler(model, out_dir / "sample", cfg.sampling.sample_sampler,
+                                         cfg.output.output_name)
+            s = session.prepare(cfg, family, model_facts(model), listeners=all_listeners, should_stop=should_stop,
+                                sample_fn=sample_fn, dist=dist)
+            return loop.run(s)
+        finally:
+            family.close()

@@ -126,11 +126,17 @@ def load_prompts(path: str | Path) -> list[SamplePrompt]:
         defaults = {k: v for k, v in section.items() if k != "subset"}
         subsets = section.get("subset") or [defaults]
         return [_from_mapping(e, defaults, where) for e in subsets]
+    return prompts_from_text(text, where, option="sample_prompts", value=str(path))
+
+
+def prompts_from_text(text: str, where: str = "sample_prompt_text", *, option: str = "sample_prompt_text",
+                      value: str | None = None) -> list[SamplePrompt]:
+    """Prompts written one per line in sd-scripts' syntax (`--n negative --w 512 --s 20 ...`); `#` comments."""
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         parsed = parse_line(line, f"{where}, line {number}")
         if parsed is not None:
             prompts.append(parsed)
     if not prompts:
-        raise ConfigError("sample_prompts", str(path), "holds no prompt")
+        raise ConfigError(option, value if value is not None else text, "holds no prompt")
     return prompts

@@ -11,14 +11,16 @@ num_processes` because accelerate's scheduler wrapper steps it once per process:
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from lib_lora.errors import ConfigError
 
@@ -37,6 +39,8 @@ class ScheduleSpec:
     min_lr_ratio: float = 0.0
     lr_end: float = POLYNOMIAL_LR_END
     base_lr: float | None = None
+    torch_class: str | None = None  # sd-scripts' lr_scheduler_type: a torch.optim.lr_scheduler class, replaces `name`
+    torch_args: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", get_entry(self.name).name)
@@ -190,7 +194,66 @@ def get_entry(name: str) -> SchedulerEntry:
 
 def multiplier(spec: ScheduleSpec, step: int) -> float:
     """The factor applied to every group's base lr at optimizer step `step` (0-based)."""
+    if spec.torch_class is not None:
+        table = _torch_factors(spec)
+        return table[min(step, len(table) - 1)]
     return SCHEDULERS[spec.name].multiplier(step, spec)
+
+
+# ---------------------------------------------------------------------------- torch classes (lr_scheduler_type)
+
+TORCH_MODULE = "torch.optim.lr_scheduler"
+_NEEDS_METRICS = ("ReduceLROnPlateau",)
+
+
+def torch_scheduler_class(name: str) -> type:
+    """A scheduler class of torch.optim.lr_scheduler by name (`CosineAnnealingLR` or its dotted path), as
+    sd-scripts' `lr_scheduler_type` names it. Classes from other modules are refused: a config file does not
+    import code here."""
+    import torch.optim.lr_scheduler as lr_scheduler
+
+    short = name.strip()
+    if short.startswith(TORCH_MODULE + "."):
+        short = short[len(TORCH_MODULE) + 1:]
+    if "." in short:
+        raise ConfigError("lr_scheduler_type", name, f"only classes of {TORCH_MODULE} are loaded (a config file "
+                                                     "does not import other code here)")
+    cls = getattr(lr_scheduler, short, None)
+    if not (isinstance(cls, type) and issubclass(cls, lr_scheduler.LRScheduler)) or short == "LambdaLR":
+        known = sorted(n for n, c in vars(lr_scheduler).items() if isinstance(c, type)
+                       and issubclass(c, lr_scheduler.LRScheduler) and n not in ("LRScheduler", "LambdaLR",
+                                                                                   *_NEEDS_METRICS))
+        raise ConfigError("lr_scheduler_type", name, f"not a scheduler class of {TORCH_MODULE}; known: "
+                                                     f"{', '.join(known)}")
+    if short in _NEEDS_METRICS:
+        raise ConfigError("lr_scheduler_type", name, "steps on a validation metric, not on the step count")
+    return cls
+
+
+def _probe(spec: ScheduleSpec) -> LRScheduler:
+    # One parameter at lr 1.0: the lr the class gives at each step is the multiplier of every group's base lr.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        return torch_scheduler_class(spec.torch_class)(optimizer, **dict(spec.torch_args))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("lr_scheduler_args", dict(spec.torch_args), f"{spec.torch_class}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _torch_factors(spec: ScheduleSpec) -> tuple[float, ...]:
+    sched = _probe(spec)
+    factors = [sched.get_last_lr()[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": there is no training here
+        for _ in range(spec.total_steps):
+            sched.step()
+            factors.append(sched.get_last_lr()[0])
+    return tuple(factors)
+
+
+def check_torch_scheduler(name: str, args: tuple[tuple[str, Any], ...]) -> None:
+    """Raise ConfigError now, before a run, for an unknown class or arguments the class does not take."""
+    _probe(ScheduleSpec(name="constant", total_steps=1, torch_class=name, torch_args=args))
 
 
 class ScheduledLR(LambdaLR):

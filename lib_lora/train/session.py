@@ -19,7 +19,7 @@ import torch
 from lib_lora.errors import ConfigError
 from lib_lora.train import checkpoint
 from lib_lora.train.config import TrainConfig
-from lib_lora.train.data import EpochSampler, ImageDataset, LatentCache, TextEncoderCache, build_dataset
+from lib_lora.train.data import DataProgress, EpochSampler, ImageDataset, LatentCache, TextEncoderCache, build_dataset
 from lib_lora.train.data.dataset_config import validation_datasets
 from lib_lora.train.data.summary import dataset_metadata
 from lib_lora.train.distributed import DistContext
@@ -29,7 +29,7 @@ from lib_lora.train.guard import DivergenceGuard
 from lib_lora.train.metadata import ModelFacts
 from lib_lora.train.network import TrainableNetwork, load_initial_weights
 from lib_lora.train.optimizers import BuiltOptimizer, build_optimizer
-from lib_lora.train.sample_prompts import SamplePrompt, load_prompts
+from lib_lora.train.sample_prompts import SamplePrompt, load_prompts, prompts_from_text
 from lib_lora.train.schedulers import ScheduledLR, build_scheduler
 
 SampleFn = Callable[[list[SamplePrompt], int, int], list[Path]]  # (prompts, step, epoch) -> image files
@@ -79,13 +79,19 @@ class Session:
 
 
 def _check_output_dir(cfg: TrainConfig) -> Path:
+    """The output folder, checked writable without creating it (a refused run leaves nothing behind); the loop
+    creates it when the run starts."""
     folder = cfg.output.output_dir
     if folder is None:
         raise ConfigError("output_dir", None, "is required: the folder where LoRA files are written")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("output_dir", str(folder), "is a file, not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError("output_dir", str(folder), f"{existing} is a file, so the folder cannot be made")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-", delete=True):
             pass
     except OSError as exc:
         raise ConfigError("output_dir", str(folder), f"cannot write there ({exc.strerror or exc})") from None
@@ -106,14 +112,22 @@ def _validation_dataset(cfg: TrainConfig, seed: int) -> ImageDataset | None:
     return None
 
 
+def _sample_prompts(cfg: TrainConfig) -> list[SamplePrompt]:
+    sampling = cfg.sampling
+    if sampling.sample_prompts is not None:
+        return load_prompts(sampling.sample_prompts)
+    return prompts_from_text(sampling.sample_prompt_text) if sampling.sample_prompt_text else []
+
+
 def _build_caches(cfg: TrainConfig, family: ModelFamily, dataset: ImageDataset, emit: Broadcaster) -> None:
     data = cfg.data
     if not data.caches_latents:
         return
     cache_dir = data.cache_dir
 
-    def progress(done: int, total: int) -> None:
-        emit(ProgressEvent("cache", message=f"caching latents {done}/{total}", data={"done": done, "total": total}))
+    def progress(p: DataProgress) -> None:
+        emit(ProgressEvent("cache", message=f"{p.stage} {p.done}/{p.total}",
+                           data={"stage": p.stage, "done": p.done, "total": p.total, "path": p.path}))
 
     cache = LatentCache(family.encode_images, family.identity("vae"), to_disk=data.cache_latents_to_disk,
                         cache_dir=cache_dir, batch_size=data.vae_batch_size)
@@ -129,7 +143,7 @@ def _build_caches(cfg: TrainConfig, family: ModelFamily, dataset: ImageDataset, 
         te_id = family.text_identity(model_cfg.clip_skip, model_cfg.max_token_length)
         te_cache = TextEncoderCache(encode, te_id, to_disk=data.cache_text_encoder_outputs_to_disk,
                                     cache_dir=cache_dir)
-        te_cache.build(dataset)
+        te_cache.build(dataset, progress)
         dataset.text_cache = te_cache
 
 
@@ -140,10 +154,14 @@ def prepare(cfg: TrainConfig, family: ModelFamily, model: ModelFacts, *, listene
     dist = dist or DistContext.detect()
     emit = Broadcaster(list(listeners))
     output_dir = _check_output_dir(cfg)
-    seed = cfg.run.seed if cfg.run.seed is not None else random.randint(0, 2**31 - 1)
+    seed = cfg.run.seed
+    if seed is None:
+        # a resumed run continues the data order and noise of the run it resumes: take that run's seed
+        resumed = checkpoint.read_state(Path(cfg.run.resume)) if cfg.run.resume is not None else None
+        seed = resumed.seed if resumed is not None else random.randint(0, 2**31 - 1)
     dataset = build_dataset(cfg.data, split="train", seed=seed, prior_loss_weight=cfg.loss.prior_loss_weight)
     validation = _validation_dataset(cfg, seed)
-    prompts = load_prompts(cfg.sampling.sample_prompts) if cfg.sampling.sample_prompts else []
+    prompts = _sample_prompts(cfg)
     initial = load_initial_weights(cfg.network.network_weights, family.arch) if cfg.network.network_weights else None
     network = TrainableNetwork(cfg.network, family.targets(), seed=seed, initial=initial)
     network.to(family.device)

@@ -30,6 +30,7 @@ def batch_loss(s, batch: Batch, seed: int) -> torch.Tensor:
     loss_cfg = cfg.loss
     noise = losses.make_noise(latents, offset=loss_cfg.noise_offset,
                               offset_random_strength=loss_cfg.noise_offset_random_strength,
+                              adaptive_noise_scale=loss_cfg.adaptive_noise_scale,
                               multires_iterations=loss_cfg.multires_noise_iterations,
                               multires_discount=loss_cfg.multires_noise_discount, generator=g)
     t = losses.sample_timesteps(latents.shape[0], min_timestep=loss_cfg.min_timestep,

@@ -20,10 +20,13 @@ class TensorBoardLogger:
         except ImportError as exc:
             self.unavailable = f"TensorBoard logging is off: {exc} (pip install tensorboard)"
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.folder))
+        self._writer_class = SummaryWriter
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "start" and self.writer is None and self.unavailable is None:
+            # made only once the run starts: a run refused before its first step leaves no folder behind
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.writer = self._writer_class(str(self.folder))
         w = self.writer
         if w is None:
             return
@@ -37,6 +40,8 @@ class TensorBoardLogger:
                 w.add_scalar("loss/average", event.smoothed, event.step)
             for name, lr in event.lrs.items():
                 w.add_scalar(f"lr/{name}", lr, event.step)
+            for name, value in event.data.get("max_norm", {}).items():  # sd-scripts' tags
+                w.add_scalar(f"max_norm/{name}", value, event.step)
         elif event.kind == "validation" and event.val_loss is not None:
             w.add_scalar("loss/validation", event.val_loss, event.step)
         elif event.kind == "rollback":

@@ -12,7 +12,6 @@ Options of sd-scripts that only concern its own runtime are accepted and listed 
 from __future__ import annotations
 
 import ast
-import json
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lib_lora.errors import ConfigError, FileFormatError
+from lib_lora.train import algo_args, gui_keys
 from lib_lora.train import config as tc
 
 # dims_by_block, lr_weights_by_block and BlockRank are re-exported: they were defined here before `blockwise`.
@@ -31,7 +31,7 @@ from lib_lora.train.data.config import DataConfig, DatasetOptions, SubsetOptions
 from lib_lora.train.data.dataset_config import (
     DATASET_NO_EFFECT,
     DATASET_UNSUPPORTED,
-    datasets_from_folders,
+    datasets_from_run,
     resolve_datasets,
     suggest,
 )
@@ -47,7 +47,7 @@ SECTIONS: dict[str, type] = {
     "guard": tc.GuardConfig, "logging": tc.LoggingConfig, "data": DataConfig,
 }
 # Fields assembled from several options, not set by name:
-_BUILT_FIELDS = {"network_args", "network_args_raw", "blockwise", "datasets", "optimizer_args"}
+_BUILT_FIELDS = {"network_args", "network_args_raw", "blockwise", "datasets", "optimizer_args", "lr_scheduler_args"}
 LORA_PLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 _RUNTIME = "sd-scripts runtime detail; this engine decides it itself"
@@ -79,16 +79,12 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "fp8_base": (bool, False, "fp8 base weights are not implemented"),
     "fp8_base_unet": (bool, False, "fp8 base weights are not implemented"),
     "fused_backward_pass": (bool, False, "fused backward passes are not implemented"),
-    "in_json": (str | None, None, "fine-tuning metadata JSON is not supported: use image folders with captions"),
     "weighted_captions": (bool, False, "weighted captions are not implemented"),
-    "lr_scheduler_type": (str, "", "custom scheduler classes are not supported; see lr_scheduler"),
-    "lr_scheduler_args": (tuple[str, ...] | None, None, "custom scheduler arguments are not supported"),
     "lr_decay_steps": (int | float, 0, "warmup_stable_decay is not implemented"),
     "lr_scheduler_timescale": (int | None, None, "inverse_sqrt is not implemented"),
     "zero_terminal_snr": (bool, False, "zero terminal SNR is not implemented"),
     "ip_noise_gamma": (float | None, None, "input perturbation noise is not implemented"),
     "ip_noise_gamma_random_strength": (bool, False, "input perturbation noise is not implemented"),
-    "adaptive_noise_scale": (float | None, None, "adaptive noise scale is not implemented"),
     "loss_type": (str, "l2", "only the l2 loss is implemented"),
     "huber_schedule": (str, "snr", "only the l2 loss is implemented"),
     "huber_c": (float, 0.1, "only the l2 loss is implemented"),
@@ -101,10 +97,13 @@ UNSUPPORTED: dict[str, tuple[Any, Any, str]] = {  # name: (type, default, reason
     "dataset_class": (str | None, None, "custom dataset classes are not supported"),
     "save_n_epoch_ratio": (int | None, None, "use save_every_n_epochs"),
     "text_encoder_batch_size": (int | None, None, "text-encoder outputs are cached with a fixed batch size"),
-    "dataset_repeats": (int, 1, "fine-tuning datasets are not supported (repeats come from folder names)"),
+    "conditioning_data_dir": (str | None, None, "a run-level conditioning_data_dir is ControlNet training data; for "
+                              "masked loss, give a mask folder per subset in a dataset TOML"),
     **{k: (Any, default, reason) for k, (default, reason) in DATASET_UNSUPPORTED.items()},
 }
 ALIASES = {"caption_extention": "caption_extension"}  # sd-scripts' historical spelling
+EMBEDDED = "embedded"  # pretrained_model_name_or_path naming the shipped tiny model
+ARG_TABLES = ("network_args", "optimizer_args", "lr_scheduler_args")  # key=value lists, or TOML tables
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,9 @@ def _option_table() -> dict[str, Option]:
         if name not in ("batch_size", "num_repeats"):  # the run's names are train_batch_size / folder names
             add(name, "dataset", hint)
     for name, hint in (("network_args", tuple[str, ...]), ("optimizer_args", tuple[str, ...]),
-                       ("use_8bit_adam", bool), ("use_lion_optimizer", bool), ("caption_extention", str)):
+                       ("lr_scheduler_args", tuple[str, ...]),
+                       ("use_8bit_adam", bool), ("use_lion_optimizer", bool), ("caption_extention", str),
+                       ("epoch", int), ("noise_offset_type", str)):
         add(name, "special", hint)
     return table
 
@@ -175,8 +176,7 @@ def flatten_run_toml(doc: Mapping[str, Any], source: str) -> tuple[dict[str, Any
         inline = {"datasets": doc.pop("datasets"), **({"general": doc.pop("general")} if "general" in doc else {})}
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        pairs = value.items() if isinstance(value, Mapping) and key not in ("optimizer_args", "network_args") \
-            else [(key, value)]
+        pairs = value.items() if isinstance(value, Mapping) and key not in ARG_TABLES else [(key, value)]
         for name, item in pairs:
             if name in flat:
                 raise ConfigError(name, item, f"given twice in {source} (sections are merged, as sd-scripts does)")
@@ -216,8 +216,8 @@ def _is_list(hint: Any) -> bool:
 
 def _override_value(key: str, values: list[str]) -> Any:
     name = ALIASES.get(key, key)
-    if name not in OPTIONS and name not in UNSUPPORTED:
-        return values[0] if len(values) == 1 else values  # unknown: convert_options names it
+    if name not in OPTIONS and name not in UNSUPPORTED:  # no-effect or unknown (convert_options names it)
+        return True if not values else values[0] if len(values) == 1 else values
     hint = OPTIONS[name].hint if name in OPTIONS else UNSUPPORTED[name][0]
     if hint is bool:
         if len(values) > 1:
@@ -226,7 +226,7 @@ def _override_value(key: str, values: list[str]) -> Any:
     if not values:
         raise ConfigError(key, None, "needs a value")
     if _is_list(hint):
-        return values if len(values) > 1 or name in ("network_args", "optimizer_args") else values[0]
+        return values if len(values) > 1 or name in ARG_TABLES else values[0]
     if len(values) > 1:
         raise ConfigError(key, values, "takes one value")
     return values[0]
@@ -239,19 +239,47 @@ def convert_options(raw: Mapping[str, Any], *, base_dir: Path | None, notes: lis
         hints = ", ".join(f"'{k}'{suggest(k, known_names())}" for k in unknown)
         raise ConfigError(unknown[0], raw[unknown[0]], f"unknown option ({hints})")
     typed: dict[str, Any] = {}
+    unset = []
     for key, value in raw.items():
         key = ALIASES.get(key, key)
-        if key in NO_EFFECT:
+        if gui_keys.is_placeholder(key, value, _hint(key)):
+            unset.append(key)
+        elif key == "pretrained_model_name_or_path" and isinstance(value, str) and value.strip() == EMBEDDED:
+            typed[key] = Path(EMBEDDED)  # the shipped model, not a file beside the TOML
+        elif key == "sample_prompts" and _is_prompt_text(value, base_dir):
+            typed["sample_prompt_text"] = value
+            notes.append("sample_prompts holds prompt text, not a file: used as the prompt (as the kohya_ss GUI "
+                         "does)")
+        elif key in NO_EFFECT:
             notes.append(f"{key}: accepted, no effect here ({NO_EFFECT[key]})")
         elif key in UNSUPPORTED:
             hint, default, reason = UNSUPPORTED[key]
             if coerce(value, hint, name=key, base_dir=None) != default:
                 raise ConfigError(key, value, f"not supported here: {reason}")
-        elif key in ("network_args", "optimizer_args") and isinstance(value, Mapping):
+        elif key in ARG_TABLES and isinstance(value, Mapping):
             typed[key] = dict(value)  # a TOML table: already typed
         else:
             typed[key] = coerce(value, OPTIONS[key].hint, name=key, base_dir=base_dir)
+    if unset:
+        notes.append(f"left unset (empty, false or 0, as the kohya_ss GUI writes unset fields): {', '.join(unset)}")
     return typed
+
+
+def _hint(name: str) -> Any:
+    if name in OPTIONS:
+        return OPTIONS[name].hint
+    return UNSUPPORTED[name][0] if name in UNSUPPORTED else Any
+
+
+def _is_prompt_text(value: Any, base_dir: Path | None) -> bool:
+    """A `sample_prompts` value that is prompt text (the GUI's text box), not a path: no such file, no folder
+    separator, no prompt-file suffix."""
+    if not isinstance(value, str) or any(sep in value for sep in "/\\"):
+        return False
+    text = value.strip()
+    if Path(text).suffix.lower() in (".txt", ".toml", ".json"):
+        return False
+    return not (base_dir / text if base_dir else Path(text)).exists()
 
 
 # ---------------------------------------------------------------------------------------------------- args
@@ -275,24 +303,28 @@ def parse_network_args(items: Sequence[str] | Mapping[str, Any]) -> dict[str, di
     "dora_wd=True", "down_lr_weight=sine+0.5", "block_dims=2,4,...")."""
     types = {**field_types(NetworkArgs), **field_types(BlockwiseConfig), **{k: float | None for k in LORA_PLUS}}
     out: dict[str, dict[str, Any]] = {"args": {}, "blockwise": {}, "loraplus": {}, "raw": {}}
-    for key, value in _key_values(items, "network_args"):
+    for written, value in _key_values(items, "network_args"):
+        key = algo_args.ALIASES.get(written, written)
         if key not in types:
             raise ConfigError(f"network_args.{key}", value, f"unknown network argument{suggest(key, types)}")
         typed = coerce(value, types[key], name=f"network_args.{key}")
+        if key == "use_tucker":  # LyCORIS ORs it with its old names (the GUI writes use_tucker and use_cp for LoKr)
+            typed = typed or out["args"].get(key, False)
         part = "loraplus" if key in LORA_PLUS else "blockwise" if key in field_types(BlockwiseConfig) else "args"
         out[part][key] = typed
-        out["raw"][key] = value if isinstance(value, str) else str(value)
+        out["raw"][written] = value if isinstance(value, str) else str(value)
     return out
 
 
-def parse_optimizer_args(items: Sequence[str] | Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+def parse_optimizer_args(items: Sequence[str] | Mapping[str, Any],
+                         option: str = "optimizer_args") -> tuple[tuple[str, Any], ...]:
     """`optimizer_args` -> typed pairs, literal-eval style: "weight_decay=0.1" -> 0.1, "betas=0.9,0.99" ->
     (0.9, 0.99), "relative_step=False" -> False (lower-case true/false/none too); other text stays text."""
     words = {"true": True, "false": False, "none": None}
     pairs = []
-    for key, value in _key_values(items, "optimizer_args"):
+    for key, value in _key_values(items, option):
         if not key.isidentifier():
-            raise ConfigError(f"optimizer_args.{key}", value, "not a keyword argument name")
+            raise ConfigError(f"{option}.{key}", value, "not a keyword argument name")
         if isinstance(value, str):
             try:
                 value = ast.literal_eval(value)
@@ -327,17 +359,18 @@ def _datasets(opts: dict[str, Any], dataset_doc: Mapping[str, Any] | None, datas
     fallback = {k: v for k, v in opts.items() if OPTIONS[k].section == "dataset"}
     if "train_batch_size" in opts:
         fallback["batch_size"] = opts["train_batch_size"]
-    if dataset_doc is not None:
-        if opts.get("train_data_dir") or opts.get("reg_data_dir"):
-            notes.append("train_data_dir / reg_data_dir ignored: the dataset config is used (as in sd-scripts)")
+    if "dataset_repeats" in opts:  # sd-scripts: the run's num_repeats for subsets that set none
+        fallback["num_repeats"] = opts["dataset_repeats"]
+    if dataset_doc is None:
+        datasets, extra = datasets_from_run(opts, fallback=fallback)
+    else:
+        if opts.get("train_data_dir") or opts.get("reg_data_dir") or opts.get("in_json"):
+            notes.append("train_data_dir / reg_data_dir / in_json ignored: the dataset config is used (as in "
+                         "sd-scripts)")
         datasets, extra = resolve_datasets(dataset_doc, base_dir=dataset_base or Path.cwd(), fallback=fallback,
                                            source=source)
-    elif opts.get("train_data_dir") is not None:
-        datasets, extra = datasets_from_folders(opts["train_data_dir"], opts.get("reg_data_dir"), fallback=fallback)
-    else:
-        raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders) or "
-                          "dataset_config (a dataset TOML)")
     notes.extend(extra)
+    notes.extend(dict.fromkeys(note for ds in datasets for note in ds.adjustments))
     return datasets
 
 
@@ -353,10 +386,19 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
         notes: notes gathered so far (no-effect options); more are added.
     """
     opts, notes = dict(options), list(notes)
+    gui_keys.apply_epoch(opts, notes)
+    gui_keys.check_noise_offset_type(opts, notes)
+    if opts.get("caption_extension") == gui_keys.NO_CAPTION_EXTENSION:
+        notes.append(f"caption_extension = {gui_keys.NO_CAPTION_EXTENSION!r} (kohya_ss GUI): no caption files; "
+                     "each image's caption is its folder's class token")
     _legacy_optimizer_flags(opts)
     parsed = parse_network_args(opts.pop("network_args", ()))
     _merge_network_extras(opts, parsed)
     optimizer_args = parse_optimizer_args(opts.pop("optimizer_args", ()))
+    scheduler_args = parse_optimizer_args(opts.pop("lr_scheduler_args", ()), option="lr_scheduler_args")
+    if opts.get("lr_scheduler_type"):
+        notes.append(f"lr_scheduler_type = {opts['lr_scheduler_type']}: this torch scheduler sets the lr; "
+                     "lr_scheduler and lr_warmup_steps do not apply (as in sd-scripts)")
     if opts.get("masked_loss") and "alpha_mask" not in opts:
         opts["alpha_mask"] = True  # sd-scripts' masked loss reads the alpha channel
     datasets = _datasets(opts, dataset_doc, dataset_base, dataset_source, notes)
@@ -371,9 +413,10 @@ def build_config(options: Mapping[str, Any], *, dataset_doc: Mapping[str, Any] |
             kwargs[section][name] = value
     kwargs["network"].update(network_args=NetworkArgs(**parsed["args"]), network_args_raw=tuple(parsed["raw"].items()),
                              blockwise=BlockwiseConfig(**kwargs["blockwise"]))
-    kwargs["optimizer"]["optimizer_args"] = optimizer_args
+    kwargs["optimizer"].update(optimizer_args=optimizer_args, lr_scheduler_args=scheduler_args)
     kwargs["data"]["datasets"] = datasets
     sections = {name: cls(**kwargs[name]) for name, cls in SECTIONS.items()}
+    notes.extend(algo_args.network_notes(sections["network"]))
     return TrainConfig(**sections, notes=tuple(notes), source=source)
 
 
@@ -416,56 +459,7 @@ def options_from_command_line(command: str) -> list[str]:
     return tokens[start:]
 
 
-# ---------------------------------------------------------------------------------------------------- ss_*
-
-
-def _base_model_version(model: tc.ModelConfig) -> str:
-    if model.sdxl:
-        return "sdxl_base_v1-0"
-    return ("sd_v2" if model.v2 else "sd_v1") + ("_v" if model.v_parameterization else "")
-
-
-def training_metadata(cfg: TrainConfig) -> dict[str, str]:
-    """sd-scripts' training-parameter `ss_*` values (strings, `str()` of the value as sd-scripts writes them).
-
-    Run-time values (session id, times, steps, epochs, ss_optimizer, hashes, dataset values) are added by the
-    writer; `ss_network_alpha` is the effective alpha (0 written as dim)."""
-    net, opt, run, loss, data = cfg.network, cfg.optimizer, cfg.run, cfg.loss, cfg.data
-    sub = data.subsets[0]
-    meta: dict[str, Any] = {
-        "ss_output_name": cfg.output.output_name, "ss_learning_rate": opt.learning_rate,
-        "ss_text_encoder_lr": opt.text_encoder_lr, "ss_unet_lr": opt.unet_lr,
-        "ss_gradient_checkpointing": run.gradient_checkpointing,
-        "ss_gradient_accumulation_steps": run.gradient_accumulation_steps, "ss_max_train_steps": run.max_train_steps,
-        "ss_lr_warmup_steps": opt.lr_warmup_steps, "ss_lr_scheduler": opt.lr_scheduler,
-        "ss_network_module": net.network_module, "ss_network_dim": net.network_dim, "ss_network_alpha": net.alpha,
-        "ss_network_dropout": net.network_dropout, "ss_mixed_precision": run.mixed_precision, "ss_full_fp16": False,
-        "ss_v2": cfg.model.v2, "ss_base_model_version": _base_model_version(cfg.model),
-        "ss_clip_skip": cfg.model.clip_skip, "ss_max_token_length": cfg.model.max_token_length,
-        "ss_cache_latents": data.caches_latents, "ss_seed": run.seed, "ss_lowram": False,
-        "ss_noise_offset": loss.noise_offset, "ss_multires_noise_iterations": loss.multires_noise_iterations,
-        "ss_multires_noise_discount": loss.multires_noise_discount, "ss_adaptive_noise_scale": None,
-        "ss_zero_terminal_snr": False, "ss_training_comment": cfg.output.training_comment,
-        "ss_max_grad_norm": opt.max_grad_norm, "ss_caption_dropout_rate": sub.caption_dropout_rate,
-        "ss_caption_dropout_every_n_epochs": sub.caption_dropout_every_n_epochs,
-        "ss_caption_tag_dropout_rate": sub.caption_tag_dropout_rate, "ss_face_crop_aug_range": None,
-        "ss_prior_loss_weight": loss.prior_loss_weight, "ss_min_snr_gamma": loss.min_snr_gamma,
-        "ss_scale_weight_norms": net.scale_weight_norms, "ss_ip_noise_gamma": None,
-        "ss_debiased_estimation": loss.debiased_estimation_loss,
-        "ss_noise_offset_random_strength": loss.noise_offset_random_strength,
-        "ss_ip_noise_gamma_random_strength": False, "ss_loss_type": "l2", "ss_fp8_base": False,
-        "ss_fp8_base_unet": False, "ss_validation_seed": data.datasets[0].validation_seed,
-        "ss_validation_split": data.datasets[0].validation_split,
-        "ss_max_validation_steps": cfg.validation.max_validation_steps,
-        "ss_validate_every_n_epochs": cfg.validation.validate_every_n_epochs,
-        "ss_validate_every_n_steps": cfg.validation.validate_every_n_steps,
-        "ss_resize_interpolation": sub.resize_interpolation,
-    }
-    if net.network_args_raw:
-        args = dict(net.network_args_raw)
-        args.setdefault("dropout", net.network_dropout)  # sd-scripts adds it (a LyCORIS workaround)
-        meta["ss_network_args"] = json.dumps(args)
-    return {k: str(v) for k, v in meta.items()}
+# ---------------------------------------------------------------------------------------------------- docs
 
 
 def no_effect_table() -> str:

@@ -1,6 +1,6 @@
 """Gradio UI, built against the `Host` protocol so the same tabs run standalone and inside the web UI.
 
-Tabs come from the `TABS` registry (later tabs: training, X/Y plot, merge); each is a class
+Tabs come from the `TABS` registry (Generate, Training, X/Y plot, LoRA tools); each is a class
 `Tab(host)` with `build()` that creates its components inside the current Blocks context and wires them.
 Importing this package does not import gradio; building a tab does.
 """
@@ -36,3 +36,6 @@ def register_tab(spec: TabSpec) -> TabSpec:
 
 
 register_tab(TabSpec("generate", "Generate", "lib_lora.ui.generate_tab", "GenerateTab", standalone_only=True))
+register_tab(TabSpec("train", "Training", "lib_lora.ui.train_tab", "TrainTab"))
+register_tab(TabSpec("xy", "X/Y plot", "lib_lora.ui.xy_tab", "XYTab"))
+register_tab(TabSpec("tools", "LoRA tools", "lib_lora.ui.tools_tab", "ToolsTab"))

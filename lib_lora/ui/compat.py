@@ -50,3 +50,31 @@ def message(text: str, kind: str = "info") -> str:
     """Markdown for a status line. Escaped, so prompt syntax such as `<lora:x:1>` shows as typed."""
     icon = {"info": "", "error": "**Error:** ", "warning": "**Note:** "}[kind]
     return icon + html.escape(text, quote=False)
+
+
+def poll(fn, outputs: list, seconds: float, inputs=None):
+    """Run `fn` every `seconds` while the page is open (live training state): `gr.Timer` where it exists (4.40+),
+    else the page-load event with `every=` (gradio 3; needs the queue, which every host turns on)."""
+    quiet = {"show_progress": "hidden"}
+    if hasattr(gr, "Timer"):
+        return gr.Timer(seconds).tick(fn, inputs=inputs, outputs=outputs, **quiet)
+    from gradio.context import Context
+
+    return Context.root_block.load(fn, inputs=inputs, outputs=outputs, every=seconds, **quiet)
+
+
+def quiet() -> dict:
+    """Event keywords for handlers whose outputs should not flash a progress overlay."""
+    return {"show_progress": "hidden"}
+
+
+def file_path(value) -> str | None:
+    """The path of an uploaded file: gradio 3 gives a temp-file object, 4+ a path string (or a dict in some
+    components)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, dict):
+        return value.get("path") or value.get("name")
+    return getattr(value, "name", None)

@@ -7,103 +7,38 @@ Needs Debian chromium (`apt-get install chromium`; `./launch.sh test` installs i
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.browser.appserver import ARTIFACTS, browser_page, require_browser, running_app, value_is
 from tests.helpers import make_sd_model, write_lora_folder
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]
-ARTIFACTS = ROOT / "tests" / "artifacts"
-START_TIMEOUT = 120
 
 pytestmark = pytest.mark.browser
 
 
-def _require_browser() -> None:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"Debian chromium is not installed ({CHROMIUM} missing): run `apt-get install chromium` "
-                    "(./launch.sh test does it when run as root) to run the browser test")
-    pytest.importorskip("playwright", reason="the Python `playwright` package is missing (requirements-test.txt)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - localhost
-                # the app prints its URL once launch() has returned, a moment after the server answers
-                if r.status == 200 and f"running at {url}" in log.read_text():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"the app did not answer at {url} within {START_TIMEOUT}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, tiny_sd1, tiny_sdxl):
-    _require_browser()
+    require_browser()
     from lib_lora.sd.checkpoint_save import save_checkpoint
 
     work = tmp_path_factory.mktemp("app")
     checkpoint = work / "tiny.safetensors"
     save_checkpoint(make_sd_model(tiny_sd1), checkpoint, dtype=torch.float32, write_yaml=False)
     loras = write_lora_folder(work / "loras", tiny_sd1, tiny_sdxl)
-    port, log = _free_port(), work / "app.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "lib_lora.app", "--model", str(checkpoint), "--lora-dir", str(loras),
-           "--outputs", str(work / "outputs"), "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_until_up(proc, url, log)
+    args = ["--model", str(checkpoint), "--lora-dir", str(loras), "--outputs", str(work / "outputs")]
+    with running_app(args, work / "app.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1200})
-        page.goto(app_url)
+    with browser_page(app_url) as page:
         yield page
-        browser.close()
 
 
-def _value_is(page, selector: str, expected: str) -> None:
-    page.wait_for_function("([sel, want]) => document.querySelector(sel).value === want", arg=[selector, expected],
-                           timeout=30_000)
+_value_is = value_is
 
 
 def test_generate_with_a_lora_and_an_lbw_preset(page):

@@ -161,8 +161,8 @@ lr_scheduler_min_lr_ratio = 0.5
 [additional_network_arguments]
 network_module = "lycoris.kohya"
 network_dim = 8
-network_args = ["algo=loha", "conv_dim=4", "dropout=0.1", "rank_dropout=0.2", "module_dropout=0.05",
-                "dora_wd=True", "factor=8", "preset=attn-mlp", "train_norm=true"]
+network_args = ["algo=locon", "conv_dim=4", "dropout=0.1", "rank_dropout=0.2", "module_dropout=0.05",
+                "dora_wd=True", "rank_dropout_scale=True", "preset=attn-mlp", "use_cp=true"]
 [general]
 flip_aug = true
 [[datasets]]
@@ -179,15 +179,16 @@ caption_extension = ".txt"
     spec = cfg.optimizer.schedule(200)
     assert (spec.num_cycles, spec.min_lr_ratio, spec.warmup_steps) == (3, 0.5, 20)
     args = cfg.network.network_args
-    assert (args.algo, args.conv_dim, args.dropout, args.rank_dropout, args.module_dropout) == ("loha", 4, 0.1, 0.2,
-                                                                                                 0.05)
-    assert args.dora_wd is True and args.factor == 8 and args.preset == "attn-mlp" and args.train_norm is True
-    assert cfg.network.algo == "loha" and cfg.network.conv_alpha == 1.0
+    assert (args.algo, args.conv_dim, args.dropout, args.rank_dropout, args.module_dropout) == ("locon", 4, 0.1, 0.2,
+                                                                                                  0.05)
+    assert args.dora_wd is True and args.rank_dropout_scale and args.preset == "attn-mlp" and args.use_tucker is True
+    assert cfg.network.algo == "locon" and cfg.network.conv_alpha == 1.0
     assert cfg.data.datasets[0].subsets[0].flip_aug is True and cfg.data.datasets[0].resolution == (64, 64)
     meta = cfg.ss_metadata()
-    assert json.loads(meta["ss_network_args"]) == {"algo": "loha", "conv_dim": "4", "dropout": "0.1",
+    assert json.loads(meta["ss_network_args"]) == {"algo": "locon", "conv_dim": "4", "dropout": "0.1",
                                                    "rank_dropout": "0.2", "module_dropout": "0.05", "dora_wd": "True",
-                                                   "factor": "8", "preset": "attn-mlp", "train_norm": "true"}
+                                                   "rank_dropout_scale": "True", "preset": "attn-mlp",
+                                                   "use_cp": "true"}
     assert all(isinstance(v, str) for v in meta.values()) and meta["ss_network_dim"] == "8"
 
 
@@ -240,7 +241,7 @@ def test_unknown_key_names_the_closest(guide_dirs):
     ('optimizer_type = "Adam9bit"', "optimizer_type", "unknown optimizer; known: AdamW, AdamW8bit"),
     ("network_dropout = 1.5", "network_dropout", "must be in"),
     ("lr_warmup_steps = 1.5", "lr_warmup_steps", "ratio"),
-    ("clip_skip = 0", "clip_skip", "1..12"),
+    ("clip_skip = 13", "clip_skip", "1..12"),
     ("full_fp16 = true", "full_fp16", "not supported here"),
     ('save_model_as = "ckpt"', "save_model_as", "only 'safetensors'"),
     ("network_train_unet_only = true\nnetwork_train_text_encoder_only = true", "network_train_text_encoder_only",

@@ -136,7 +136,7 @@ def test_bucket_settings_that_fit_no_image(tmp_path):
     with pytest.raises(DatasetError, match="fit no bucket") as err:
         build_dataset([_dataset(sub, resolution=(128, 128), enable_bucket=True, bucket_no_upscale=True)])
     assert sorted(Path(p.path).name for p in err.value.problems) == ["s0.png", "s1.png"]
-    assert "smaller than bucket_reso_steps" in str(err.value)
+    assert "shorter than bucket_reso_steps" in str(err.value) and "bucket_no_upscale off" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

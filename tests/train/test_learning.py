@@ -123,3 +123,16 @@ def test_lr_1e_1_trips_the_guard_and_ends_with_a_usable_file(tmp_path, model):
     net = load_network(result.final_file, arch=Arch.SD1)
     assert all(torch.isfinite(t.float()).all() for m in net.modules.values() for t in m.file_tensors().values())
     assert checksum(model) == weights
+
+
+def test_lr_10_stops_with_the_last_good_file_instead_of_finishing(tmp_path, model):
+    # The blow-up here is immediate (0.19, then ~1.2-2, then NaN); after each rollback the lower lr still settles at
+    # a broken ~1.3-1.8. That level must never become the baseline: the run stops, keeping the last good state.
+    weights = checksum(model)
+    result = train(_concept_run(tmp_path, learning_rate=10.0, max_train_steps=40), model=model)
+    assert result.status == "diverged", result.report
+    assert "rollbacks did not help" in result.report and "guard_max_rollbacks" in result.report
+    net = load_network(result.final_file, arch=Arch.SD1)
+    tensors = [t.float() for m in net.modules.values() for t in m.file_tensors().values()]
+    assert all(torch.isfinite(t).all() and t.abs().max() < 10 for t in tensors)
+    assert checksum(model) == weights

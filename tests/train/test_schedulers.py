@@ -134,3 +134,30 @@ def test_scale_cuts_the_lr_for_the_rest_of_the_run():
 def test_polynomial_needs_lr_above_lr_end():
     with pytest.raises(ConfigError, match="learning rate > lr_end"):
         build_scheduler(_optimizer(1e-8), ScheduleSpec(name="polynomial", total_steps=10))
+
+
+def test_torch_scheduler_classes_by_name_as_sd_scripts_lr_scheduler_type():
+    import torch
+
+    from lib_lora.errors import ConfigError
+    from lib_lora.train.schedulers import ScheduleSpec, build_scheduler, check_torch_scheduler
+
+    spec = ScheduleSpec(name="constant", total_steps=10, torch_class="CosineAnnealingLR",
+                        torch_args=(("T_max", 10), ("eta_min", 0.0)))
+    ours = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5), spec)
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=10, eta_min=0.0)
+    for _ in range(10):
+        assert abs(ours.get_last_lr()[0] - reference.get_last_lr()[0]) < 1e-12
+        ours.optimizer.step()
+        reference_opt.step()
+        ours.step()
+        reference.step()
+    ours.scale(0.5)  # the divergence guard's cut still works on a torch class
+    assert abs(ours.get_last_lr()[0] - 0.5 * reference.get_last_lr()[0]) < 1e-12
+    check_torch_scheduler("torch.optim.lr_scheduler.StepLR", (("step_size", 2),))
+    for name, args, reason in (("os.system", (), "only classes of"), ("NoSuchLR", (), "not a scheduler class"),
+                               ("ReduceLROnPlateau", (), "validation metric"),
+                               ("StepLR", (("stepsize", 2),), "unexpected keyword")):
+        with pytest.raises(ConfigError, match=reason):
+            check_torch_scheduler(name, args)

@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_dataset": "dataset", "ImageDataset": "dataset", "DataProgress": "dataset", "DatasetGroup": "dataset",
+    "build_dataset": "dataset", "ImageDataset": "dataset", "DataProgress": "records", "DatasetGroup": "dataset",
     "EpochSampler": "sampler", "epoch_plan": "sampler",
     "LatentCache": "cache", "TextEncoderCache": "cache", "CacheStats": "cache",
     "Batch": "records", "BatchPlan": "records", "SamplerState": "records", "DatasetError": "records",
@@ -25,7 +25,7 @@ _EXPORTS = {
     "DatasetOptions": "config", "SubsetOptions": "config",
     "BucketPlanner": "buckets", "BucketReport": "buckets", "make_bucket_resolutions": "buckets",
     "process_caption": "captions", "tag_frequency": "captions",
-    "dataset_metadata": "summary",
+    "dataset_metadata": "summary", "debug_report": "summary",
 }
 __all__ = sorted(_EXPORTS)
 

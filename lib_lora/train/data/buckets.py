@@ -69,11 +69,15 @@ class BucketPlanner:
             scale = reso[1] / height if aspect > reso[0] / reso[1] else reso[0] / width
             resized = (int(width * scale + 0.5), int(height * scale + 0.5))
         else:
-            resized = self._shrink_to_area(size) if width * height > self.max_area else size
+            shrunk = width * height > self.max_area
+            resized = self._shrink_to_area(size) if shrunk else size
             steps = self.options.bucket_reso_steps
             reso = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
             if min(reso) == 0:
-                raise ValueError(f"{width}x{height} is smaller than bucket_reso_steps ({steps}) and "
+                what = f"{width}x{height}" + (f" (shrunk to {resized[0]}x{resized[1]}, the area of resolution "
+                                              f"{self.options.resolution[0]}x{self.options.resolution[1]})"
+                                              if shrunk else "")
+                raise ValueError(f"{what} has a side shorter than bucket_reso_steps ({steps}) and "
                                  "bucket_no_upscale forbids enlarging it")
         return Placement(reso, resized, reso[0] / reso[1] - aspect)
 

@@ -5,10 +5,10 @@ The caller passes the encoders: `encode_images((B,3,H,W) in [-1,1]) -> latents` 
 changes whenever the encoder would produce other values (model hash, dtype, clip skip, ...).
 
 Each entry is keyed by everything its value depends on: the image file (size + mtime, or its sha256 with
-`hash_content`), bucket, resize, crop, flip and alpha settings and the encoder id for latents; the caption
-text and encoder id for text outputs. A disk file whose stored key differs is re-encoded and overwritten
-(atomically); a matching one is reused. Disk files sit next to the image (`<image name>.latents.safetensors`,
-`<image name>.te.safetensors`) or in `cache_dir`.
+`hash_content`), its mask file if any, bucket, resize, crop, flip and alpha settings and the encoder id for
+latents; the caption text and encoder id for text outputs. A disk file whose stored key differs is re-encoded
+and overwritten (atomically); a matching one is reused. Disk files sit next to the image
+(`<image name>.latents.safetensors`, `<image name>.te.safetensors`) or in `cache_dir`.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import torch
 from lib_lora.errors import FileFormatError
 from lib_lora.io import load_file, read_metadata, save_file
 from lib_lora.io.hashes import sha256_file
-from lib_lora.train.data.dataset import DataProgress, ImageDataset, ProgressCallback
-from lib_lora.train.data.images import Augment, prepare_image
-from lib_lora.train.data.records import ImageItem, Size
+from lib_lora.train.data.dataset import ImageDataset
+from lib_lora.train.data.images import Augment
+from lib_lora.train.data.records import DataProgress, ImageItem, ProgressCallback, Size
 
 EncodeImages = Callable[[torch.Tensor], torch.Tensor]
 EncodeCaptions = Callable[[list[str]], Any]  # a (B, ...) tensor or a dict of them
@@ -95,6 +95,8 @@ class LatentCache:
             "v": CACHE_VERSION, "image": str(item.path.resolve()), **_file_identity(item.path, self.hash_content),
             "bucket": item.placement.bucket_reso, "resized": item.placement.resized_size, "flip": sub.flip_aug,
             "alpha": sub.alpha_mask, "interpolation": sub.resize_interpolation, "encoder": self.encoder_id,
+            **({} if item.mask is None else {"mask": str(item.mask.resolve()),
+                                             "mask_file": _file_identity(item.mask, self.hash_content)}),
         }, sort_keys=True)
 
     def build(self, dataset: ImageDataset, progress: ProgressCallback | None = None) -> CacheStats:
@@ -124,10 +126,7 @@ class LatentCache:
         return CacheStats(encoded=total, reused=reused)
 
     def _encode_chunk(self, dataset: ImageDataset, chunk: list[tuple[ImageItem, str, Path | None]]) -> None:
-        prepared = [prepare_image(item.path, item.placement, Augment(), random.Random(0),
-                                  keep_alpha=dataset.subset(item).alpha_mask,
-                                  interpolation=dataset.subset(item).resize_interpolation)
-                    for item, _, _ in chunk]
+        prepared = [dataset.prepare(item, Augment(), random.Random(0)) for item, _, _ in chunk]
         pixels = torch.stack([p.pixels for p in prepared])
         with torch.no_grad():
             latents = self.encode(pixels).detach().float().cpu()

@@ -1,8 +1,9 @@
 """The image dataset: built and checked completely before training, then loaded batch by batch.
 
-`build_dataset` lists every subset's images, checks that each decodes and that each caption file is UTF-8,
-places images into buckets, and raises one `DatasetError` listing every problem (unreadable or corrupt images,
-bad captions, images too small for their bucket, missing folders) before any step runs; nothing is skipped
+`build_dataset` lists every subset's images (`scan`: image folders or fine-tuning metadata), checks that each
+decodes, that each caption file is UTF-8 and that each mask of a mask folder fits, places images into buckets,
+and raises one `DatasetError` listing every problem (unreadable or corrupt images, bad captions, missing or
+mismatched masks, images too small for their bucket, missing folders) before any step runs; nothing is skipped
 silently. A caption file that is missing is not an error: the subset's class tokens are used (the folder name
 for kohya folders), or an empty caption when there are none; the count is reported in `warnings`.
 
@@ -14,38 +15,23 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from lib_lora.errors import FileFormatError
 from lib_lora.train.data.buckets import BucketPlanner, BucketReport, bucket_report
 from lib_lora.train.data.captions import process_caption
 from lib_lora.train.data.config import DataConfig, DatasetConfig, SubsetConfig
-from lib_lora.train.data.folders import IMAGE_EXTENSIONS, caption_path, list_images, other_caption_files, read_caption
-from lib_lora.train.data.images import Augment, prepare_image, probe_image
-from lib_lora.train.data.records import Batch, BatchPlan, DatasetError, ImageItem, Problem, Size
+from lib_lora.train.data.images import Augment, PreparedImage, prepare_image
+from lib_lora.train.data.records import Batch, BatchPlan, DatasetError, ImageItem, Problem, ProgressCallback, Size
+from lib_lora.train.data.scan import Scan, scan_datasets
 
 if TYPE_CHECKING:
     from lib_lora.train.data.cache import LatentCache, TextEncoderCache
 
 SPLITS = ("train", "validation", "all")
-
-
-@dataclass(frozen=True)
-class DataProgress:
-    """Progress of a long data task (checking images, caching): `done` of `total`, the file being handled."""
-
-    stage: str
-    done: int
-    total: int
-    path: str = ""
-
-
-ProgressCallback = Callable[[DataProgress], None]
 
 
 @dataclass(frozen=True)
@@ -56,6 +42,7 @@ class SubsetSummary:
     dataset_index: int
     img_count: int
     captions: tuple[str, ...]  # as read (class tokens or "" where the caption file is missing)
+    tag_texts: tuple[str, ...] = ()  # what ss_tag_frequency counts (a fine-tuning subset's tags, else captions)
 
 
 @dataclass(frozen=True)
@@ -97,14 +84,15 @@ class ImageDataset:
     @property
     def num_batches_per_epoch(self) -> int:
         """Batches in one epoch over all datasets (every bucket's last batch may be partial)."""
-        total = 0
-        for group in self.groups:
-            counts: dict[Size, int] = {}
-            for idx, reps in zip(group.items, group.repeats):
-                reso = self.items[idx].placement.bucket_reso
-                counts[reso] = counts.get(reso, 0) + reps
-            total += sum(math.ceil(n / group.config.batch_size) for n in counts.values())
-        return total
+        return sum(self.group_batches(group) for group in self.groups)
+
+    def group_batches(self, group: DatasetGroup) -> int:
+        """Batches of one dataset in one epoch."""
+        counts: dict[Size, int] = {}
+        for idx, reps in zip(group.items, group.repeats):
+            reso = self.items[idx].placement.bucket_reso
+            counts[reso] = counts.get(reso, 0) + reps
+        return sum(math.ceil(n / group.config.batch_size) for n in counts.values())
 
     @property
     def fingerprint(self) -> str:
@@ -125,16 +113,32 @@ class ImageDataset:
                               caption_dropout_every_n_epochs=0, caption_tag_dropout_rate=0.0)
         return process_caption(item.caption, options, rng, epoch)
 
+    def prepare(self, item: ImageItem, augment: Augment, rng: random.Random) -> PreparedImage:
+        """Pixels (and mask: the alpha channel, or the mask file) of one use of an image."""
+        sub = self.subset(item)
+        return prepare_image(item.path, item.placement, augment, rng, keep_alpha=sub.alpha_mask,
+                             interpolation=sub.resize_interpolation, mask=item.mask)
+
+    @staticmethod
+    def use_rng(seed: int, plan: BatchPlan, slot: int) -> random.Random:
+        """The random source of one use of an image: a function of (seed, epoch, batch index, slot) only."""
+        return random.Random(f"{seed}/{plan.epoch}/{plan.index}/{slot}")
+
+    def use_choices(self, item: ImageItem, rng: random.Random, epoch: int) -> tuple[bool, str]:
+        """(flipped, caption) of one use of an image, drawn first from its rng (as `load_batch` does)."""
+        flip = self.subset(item).flip_aug and not self.evaluation and rng.random() < 0.5
+        return flip, self.caption_for(item, rng, epoch)
+
     def load_batch(self, plan: BatchPlan, seed: int) -> Batch:
         """Load the images (or cached latents) and captions of a batch; random choices come from
         (seed, epoch, batch index, slot), so the same plan always gives the same batch."""
         pixels, latents, masks, captions, flips = [], [], [], [], []
         original_hw, crop_tl, target_hw, text_outputs = [], [], [], []
         for slot, idx in enumerate(plan.items):
-            item, rng = self.items[idx], random.Random(f"{seed}/{plan.epoch}/{plan.index}/{slot}")
+            item, rng = self.items[idx], self.use_rng(seed, plan, slot)
             sub = self.subset(item)
-            flip = sub.flip_aug and not self.evaluation and rng.random() < 0.5
-            captions.append(self.caption_for(item, rng, plan.epoch))
+            flip, caption = self.use_choices(item, rng, plan.epoch)
+            captions.append(caption)
             if self.latent_cache is not None:
                 cached = self.latent_cache.get(idx, flip)
                 latents.append(cached.latents)
@@ -144,8 +148,7 @@ class ImageDataset:
             else:
                 augment = Augment(flip=flip, random_crop=sub.random_crop and not self.evaluation,
                                   color_aug=sub.color_aug and not self.evaluation)
-                prepared = prepare_image(item.path, item.placement, augment, rng, keep_alpha=sub.alpha_mask,
-                                         interpolation=sub.resize_interpolation)
+                prepared = self.prepare(item, augment, rng)
                 pixels.append(prepared.pixels)
                 mask, original, ltrb = prepared.alpha, prepared.original_size, prepared.crop_ltrb
             masks.append(mask)
@@ -178,84 +181,6 @@ def _stack_masks(masks: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------------- building
-
-
-@dataclass
-class _Scan:
-    """What scanning found, before buckets: images per (dataset, subset), problems, warnings."""
-
-    images: dict[tuple[int, int], list[tuple[Path, Size, str, bool]]]
-    problems: list[Problem]
-    warnings: list[str]
-
-
-def split_for_validation(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """(train, validation): a seeded shuffle, the last round(n * fraction) images (at least 1) held out."""
-    if fraction <= 0 or len(paths) < 2:
-        return list(paths), []
-    shuffled = list(paths)
-    random.Random(seed).shuffle(shuffled)
-    held = min(len(paths) - 1, max(1, round(len(paths) * fraction)))
-    return shuffled[:-held], shuffled[-held:]
-
-
-def _subset_images(sub: SubsetConfig, options: DatasetConfig, split: str, seed: int) -> list[Path]:
-    images = list_images(sub.image_dir)
-    if split == "all" or sub.is_reg and split == "train":
-        return images
-    if sub.is_reg:  # regularisation images are never held out
-        return []
-    seed = options.validation_seed if options.validation_seed is not None else seed
-    train, held = split_for_validation(images, options.validation_split, seed)
-    return train if split == "train" else held
-
-
-def _read_subset(sub: SubsetConfig, paths: list[Path], scan: _Scan, key: tuple[int, int],
-                 progress: ProgressCallback | None, done: list[int], total: int) -> None:
-    found, missing, hinted = [], 0, []
-    for path in paths:
-        done[0] += 1
-        if progress is not None:
-            progress(DataProgress("checking images", done[0], total, str(path)))
-        try:
-            size = probe_image(path)
-        except FileFormatError as exc:
-            scan.problems.append(Problem(exc.path, exc.reason))
-            continue
-        cap_file = caption_path(path, sub.caption_extension)
-        if cap_file.is_file():
-            try:
-                found.append((path, size, read_caption(cap_file), False))
-            except FileFormatError as exc:
-                scan.problems.append(Problem(exc.path, exc.reason))
-            continue
-        missing += 1
-        hinted += other_caption_files(path, sub.caption_extension)
-        found.append((path, size, sub.class_tokens or "", True))
-    if missing:
-        fallback = f"class tokens {sub.class_tokens!r}" if sub.class_tokens else "an empty caption"
-        hint = (f"; {len(hinted)} caption files with another extension exist (e.g. {hinted[0].name}): set "
-                f"caption_extension" if hinted else "")
-        scan.warnings.append(f"{sub.image_dir}: {missing} of {len(paths)} images have no "
-                             f"'{sub.caption_extension}' caption; using {fallback}{hint}")
-    scan.images[key] = found
-
-
-def _scan(datasets: Sequence[DatasetConfig], split: str, seed: int, progress: ProgressCallback | None) -> _Scan:
-    scan = _Scan({}, [], [])
-    listed: dict[tuple[int, int], list[Path]] = {}
-    for i, ds in enumerate(datasets):
-        for j, sub in enumerate(ds.subsets):
-            if not sub.image_dir.is_dir():
-                scan.problems.append(Problem(str(sub.image_dir), "image folder not found"))
-                continue
-            listed[(i, j)] = _subset_images(sub, ds, split, seed)
-            if not listed[(i, j)] and split != "validation":
-                scan.warnings.append(f"{sub.image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}); subset skipped")
-    total, done = sum(len(v) for v in listed.values()), [0]
-    for (i, j), paths in listed.items():
-        _read_subset(datasets[i].subsets[j], paths, scan, (i, j), progress, done, total)
-    return scan
 
 
 def balance_reg_repeats(num_train: int, reg_repeats: list[int]) -> list[int]:
@@ -296,13 +221,13 @@ def build_dataset(data: DataConfig | Sequence[DatasetConfig], *, split: str = "t
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     datasets = tuple(data.datasets if isinstance(data, DataConfig) else data)
-    scan = _scan(datasets, split, seed, progress)
+    scan = scan_datasets(datasets, split, seed, progress)
     if scan.problems:
         raise DatasetError(f"{len(scan.problems)} problem(s) in the dataset; fix them before training "
                            "(nothing was trained):", scan.problems)
     items, groups, subsets = _index(datasets, scan)
     if not any(not items[i].is_reg for g in groups for i in g.items):
-        dirs = [Problem(str(s.image_dir), "no images") for ds in datasets for s in ds.subsets if not s.is_reg]
+        dirs = [Problem(str(s.location), "no images") for ds in datasets for s in ds.subsets if not s.is_reg]
         raise DatasetError(f"the {split} dataset is empty: no training image found", dirs)
     return ImageDataset(items, groups, subsets, split=split,
                         evaluation=split == "validation" if evaluation is None else evaluation,
@@ -310,7 +235,7 @@ def build_dataset(data: DataConfig | Sequence[DatasetConfig], *, split: str = "t
 
 
 def _index(datasets: tuple[DatasetConfig, ...],
-           scan: _Scan) -> tuple[tuple[ImageItem, ...], tuple[DatasetGroup, ...], tuple[SubsetSummary, ...]]:
+           scan: Scan) -> tuple[tuple[ImageItem, ...], tuple[DatasetGroup, ...], tuple[SubsetSummary, ...]]:
     items: list[ImageItem] = []
     groups, subsets, problems = [], [], []
     for i, ds in enumerate(datasets):
@@ -318,14 +243,16 @@ def _index(datasets: tuple[DatasetConfig, ...],
         idx, reps, reg_idx, reg_reps = [], [], [], []
         for j, sub in enumerate(ds.subsets):
             found = scan.images.get((i, j), [])
-            subsets.append(SubsetSummary(sub, i, len(found), tuple(c for _, _, c, _ in found)))
-            for path, size, caption, missing in found:
+            subsets.append(SubsetSummary(sub, i, len(found), tuple(f.caption for f in found),
+                                         tuple(f.tag_text for f in found)))
+            for f in found:
                 try:
-                    placement = planner.place(size)
+                    placement = planner.place(f.size)
                 except ValueError as exc:
-                    problems.append(Problem(str(path), str(exc)))
+                    problems.append(Problem(str(f.path), str(exc)))
                     continue
-                items.append(ImageItem(len(items), path, caption, missing, i, j, sub.is_reg, size, placement))
+                items.append(ImageItem(len(items), f.path, f.caption, f.caption_missing, i, j, sub.is_reg, f.size,
+                                       placement, f.mask))
                 (reg_idx if sub.is_reg else idx).append(len(items) - 1)
                 (reg_reps if sub.is_reg else reps).append(sub.num_repeats)
         num_train = sum(reps)
@@ -335,5 +262,6 @@ def _index(datasets: tuple[DatasetConfig, ...],
         report = bucket_report((items[k].placement, r) for k, r in zip(all_idx, all_reps))
         groups.append(DatasetGroup(i, ds, tuple(all_idx), tuple(all_reps), num_train, sum(reg_reps), report))
     if problems:
-        raise DatasetError(f"{len(problems)} image(s) fit no bucket:", problems)
+        raise DatasetError(f"{len(problems)} image(s) fit no bucket (lower bucket_reso_steps, or turn "
+                           "bucket_no_upscale off so they may be enlarged):", problems)
     return tuple(items), tuple(groups), tuple(subsets)

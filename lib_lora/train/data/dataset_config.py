@@ -18,23 +18,20 @@ from lib_lora.train.data.folders import kohya_dirs, list_images
 
 SUBSET_OPTION_TYPES = field_types(SubsetOptions)
 DATASET_OPTION_TYPES = field_types(DatasetOptions)
-SUBSET_ONLY_TYPES = {"image_dir": Path, "is_reg": bool}
+SUBSET_ONLY_TYPES = {"image_dir": Path, "is_reg": bool, "metadata_file": Path, "conditioning_data_dir": Path}
 # sd-scripts dataset keys with no effect here, and why.
 DATASET_NO_EFFECT = {
     "cache_info": "image sizes are read when the dataset is built; nothing to cache",
-    "debug_dataset": "use the bucket report and the dataset summary instead",
 }
+# Run options that people also write into dataset TOMLs (sd-scripts refuses them there): a note says where they go.
+RUN_ONLY = {"debug_dataset": "a run option: give it in the run TOML or as --debug_dataset"}
 # sd-scripts dataset keys we do not implement: accepted only at their default value.
 DATASET_UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "face_crop_aug_range": (None, "face-crop augmentation is not implemented"),
     "token_warmup_min": (1, "token warmup is not implemented"),
     "token_warmup_step": (0, "token warmup is not implemented"),
-    "enable_wildcard": (False, "caption wildcards are not implemented"),
-    "secondary_separator": (None, "the secondary caption separator is not implemented"),
     "custom_attributes": (None, "custom attributes are not implemented"),
     "network_multiplier": (1.0, "per-dataset network multipliers are not implemented"),
-    "metadata_file": (None, "fine-tuning datasets (metadata JSON) are not supported: use image folders with captions"),
-    "conditioning_data_dir": (None, "ControlNet datasets are not supported"),
 }
 
 
@@ -53,10 +50,14 @@ def _typed_table(table: Any, allowed: dict[str, Any], where: str, base_dir: Path
         name = f"{where}.{key}" if where else key
         if key in DATASET_NO_EFFECT:
             notes.append(f"{name}: accepted, no effect here ({DATASET_NO_EFFECT[key]})")
+        elif key in RUN_ONLY:
+            notes.append(f"{name}: no effect in a dataset TOML ({RUN_ONLY[key]})")
         elif key in DATASET_UNSUPPORTED:
             default, reason = DATASET_UNSUPPORTED[key]
             if value != default:
                 raise ConfigError(name, value, f"not supported: {reason}")
+        elif key in SUBSET_ONLY_TYPES and key not in allowed:
+            raise ConfigError(name, value, "belongs to a subset: write it in [[datasets.subsets]]")
         elif key not in allowed:
             raise ConfigError(name, value, f"unknown dataset option{suggest(key, allowed)}")
         else:
@@ -88,10 +89,10 @@ def _build(cls: type, values: dict[str, Any], origins: dict[str, str], where: st
 
 
 def _subset(levels: list[Level], subset: Mapping[str, Any], where: str) -> SubsetConfig:
-    if subset.get("image_dir") is None:
-        raise ConfigError(f"{where}.image_dir", None, "every subset needs an image_dir")
+    if subset.get("image_dir") is None and subset.get("metadata_file") is None:
+        raise ConfigError(f"{where}.image_dir", None, "every subset needs an image_dir (or a metadata_file)")
     values, origins = _inherit(SUBSET_OPTION_TYPES, [(where, subset), *levels])
-    values.update(image_dir=subset["image_dir"], is_reg=bool(subset.get("is_reg", False)))
+    values.update({k: subset[k] for k in SUBSET_ONLY_TYPES if subset.get(k) is not None})
     return _build(SubsetConfig, values, origins, where)
 
 
@@ -156,6 +157,30 @@ def datasets_from_folders(train_data_dir: Path, reg_data_dir: Path | None, *,
     subsets = [{"image_dir": d.path, "is_reg": d.is_reg, "num_repeats": d.num_repeats,
                 **({} if d.class_tokens is None else {"class_tokens": d.class_tokens})} for d in dirs]
     return (_run_options_dataset(subsets, fallback, ""),), notes
+
+
+def datasets_from_metadata(in_json: Path, train_data_dir: Path | None, *,
+                           fallback: Mapping[str, Any]) -> tuple[tuple[DatasetConfig, ...], list[str]]:
+    """sd-scripts' fine-tuning method (`in_json` without a dataset TOML): one subset of the images the metadata
+    lists, relative keys resolved against train_data_dir; repeats from `dataset_repeats` (in `fallback` as
+    num_repeats)."""
+    subset = {"metadata_file": in_json, **({} if train_data_dir is None else {"image_dir": train_data_dir})}
+    return (_run_options_dataset([subset], fallback, "in_json"),), []
+
+
+def datasets_from_run(opts: Mapping[str, Any], *,
+                      fallback: Mapping[str, Any]) -> tuple[tuple[DatasetConfig, ...], list[str]]:
+    """Datasets from run options without a dataset TOML: `in_json` (fine-tuning metadata) or `train_data_dir`
+    (kohya folders, with `reg_data_dir`)."""
+    if opts.get("in_json") is not None:
+        datasets, notes = datasets_from_metadata(opts["in_json"], opts.get("train_data_dir"), fallback=fallback)
+        if opts.get("reg_data_dir"):
+            notes.append("reg_data_dir ignored: in_json (fine-tuning metadata) has no regularisation images")
+        return datasets, notes
+    if opts.get("train_data_dir") is not None:
+        return datasets_from_folders(opts["train_data_dir"], opts.get("reg_data_dir"), fallback=fallback)
+    raise ConfigError("train_data_dir", None, "no images: give train_data_dir (kohya folders), in_json (with "
+                      "train_data_dir) or dataset_config (a dataset TOML)")
 
 
 def validation_datasets(folder: Path, *, fallback: Mapping[str, Any]) -> tuple[DatasetConfig, ...]:

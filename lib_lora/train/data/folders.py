@@ -71,8 +71,9 @@ def caption_path(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
 
-def read_caption(path: Path) -> str:
-    """The caption in a caption file: UTF-8 (a BOM is tolerated), first non-empty line, stripped.
+def read_caption(path: Path, *, all_lines: bool = False) -> str:
+    """The caption in a caption file: UTF-8 (a BOM is tolerated), first non-empty line, stripped. With
+    `all_lines` (enable_wildcard: one line is picked per use), every non-empty line, stripped, joined by "\n".
 
     Raises:
         FileFormatError: the file is not UTF-8 (names the byte offset), or cannot be read.
@@ -86,10 +87,10 @@ def read_caption(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise FileFormatError(str(path), f"caption is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset "
                               f"{exc.start}); re-save the file as UTF-8") from None
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if all_lines:
+        return "\n".join(lines)
+    return lines[0] if lines else ""
 
 
 def other_caption_files(image: Path, extension: str) -> list[Path]:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lib_lora.errors import FileFormatError
+from lib_lora.train.data.modes import alpha_channel, red_channel, to_rgb
 from lib_lora.train.data.records import Placement, Size
 
 # sd-scripts resizes with OpenCV: INTER_AREA when shrinking, LANCZOS4 when enlarging. PIL's BOX is area averaging.
@@ -61,18 +62,34 @@ class LoadedImage:
     alpha: Image.Image | None
 
 
-def load_image(path: Path, *, keep_alpha: bool = False) -> LoadedImage:
-    """Load, apply EXIF orientation, convert to RGB. With keep_alpha, the alpha channel (or all-opaque)."""
+def load_image(path: Path, *, keep_alpha: bool = False, mask: Path | None = None) -> LoadedImage:
+    """Load, apply EXIF orientation, convert to 8-bit RGB (any PIL mode, see `modes`). With keep_alpha, the alpha
+    channel (or all-opaque); with `mask`, that file's red channel instead (a mask folder for masked loss)."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
-            alpha = None
-            if keep_alpha:
-                has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-                alpha = img.convert("RGBA").getchannel("A") if has_alpha else Image.new("L", img.size, 255)
-            return LoadedImage(img.convert("RGB"), alpha)
+            alpha = alpha_channel(img) if keep_alpha and mask is None else None
+            if keep_alpha and mask is None and alpha is None:
+                alpha = Image.new("L", img.size, 255)
+            rgb = to_rgb(img)
     except PIL_ERRORS as exc:
         raise FileFormatError(str(path), f"unreadable image ({type(exc).__name__}: {exc})") from None
+    if mask is not None:
+        alpha = load_mask(mask)
+        if alpha.size != rgb.size:
+            raise FileFormatError(str(mask), f"mask is {alpha.size[0]}x{alpha.size[1]}, its image {path.name} is "
+                                  f"{rgb.size[0]}x{rgb.size[1]}")
+    return LoadedImage(rgb, alpha)
+
+
+def load_mask(path: Path) -> Image.Image:
+    """A mask file as mode "L": EXIF orientation applied, then the red channel of its RGB (sd-scripts reads a
+    conditioning image's red channel as the loss weight; 255 = full weight, 0 = ignored)."""
+    try:
+        with Image.open(path) as img:
+            return red_channel(ImageOps.exif_transpose(img))
+    except PIL_ERRORS as exc:
+        raise FileFormatError(str(path), f"unreadable mask ({type(exc).__name__}: {exc})") from None
 
 
 def crop_ltrb(bucket: Size, original: Size) -> tuple[int, int, int, int]:
@@ -154,9 +171,11 @@ class Augment:
 
 
 def prepare_image(path: Path, placement: Placement, augment: Augment, rng: random.Random, *,
-                  keep_alpha: bool = False, interpolation: str | None = None) -> PreparedImage:
-    """Load and transform one image for one use: resize/crop to its bucket, colour jitter, flip, to tensors."""
-    image = load_image(path, keep_alpha=keep_alpha)
+                  keep_alpha: bool = False, interpolation: str | None = None,
+                  mask: Path | None = None) -> PreparedImage:
+    """Load and transform one image for one use: resize/crop to its bucket, colour jitter, flip, to tensors.
+    The mask (alpha channel or mask file) is resized, cropped and flipped with the pixels."""
+    image = load_image(path, keep_alpha=keep_alpha, mask=mask)
     original = image.rgb.size
     image = resize_and_crop(image, placement, random_crop=augment.random_crop, rng=rng, interpolation=interpolation)
     rgb = color_jitter(image.rgb, rng) if augment.color_aug else image.rgb

@@ -1,7 +1,8 @@
-"""Records of the data pipeline: problems found in a dataset, images, batch plans, batches, sampler state."""
+"""Records of the data pipeline: progress, problems found in a dataset, images, batch plans, batches, sampler state."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,19 @@ import torch
 from lib_lora.errors import ConfigError, LibLoraError
 
 Size = tuple[int, int]  # (width, height), as sd-scripts writes resolutions
+
+
+@dataclass(frozen=True)
+class DataProgress:
+    """Progress of a long data task (checking images, caching): `done` of `total`, the file being handled."""
+
+    stage: str
+    done: int
+    total: int
+    path: str = ""
+
+
+ProgressCallback = Callable[[DataProgress], None]
 
 
 @dataclass(frozen=True)
@@ -45,13 +59,14 @@ class ImageItem:
 
     index: int
     path: Path
-    caption: str  # as read (or the class tokens / "" when the caption file is missing)
+    caption: str  # as read (class tokens / "" when the caption file is missing; metadata caption + tags)
     caption_missing: bool
     dataset_index: int
     subset_index: int  # index into the dataset's subsets
     is_reg: bool
     size: Size  # after EXIF orientation
     placement: Placement
+    mask: Path | None = None  # the mask file (a subset's conditioning_data_dir), when there is one
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ def tag_frequencies(dataset: ImageDataset, dataset_index: int | None = None) -> 
     for sub in dataset.subsets:
         if dataset_index is not None and sub.dataset_index != dataset_index:
             continue
-        name = sub.config.image_dir.name
+        name = sub.config.name
         if name in seen_in and seen_in[name] != sub.dataset_index:
             continue  # sd-scripts keeps a directory used by several datasets only once
         seen_in[name] = sub.dataset_index
         merged = out.setdefault(name, {})
-        for tag, count in tag_frequency(sub.captions).items():
+        for tag, count in tag_frequency(sub.tag_texts or sub.captions).items():
             merged[tag] = merged.get(tag, 0) + count
     return out
 
@@ -45,7 +45,7 @@ def dataset_dirs(dataset: ImageDataset, *, reg: bool = False) -> dict[str, dict[
     out: dict[str, dict[str, int]] = {}
     for sub in dataset.subsets:
         if sub.config.is_reg == reg:
-            out[_unique(sub.config.image_dir.name, out)] = {"n_repeats": sub.config.num_repeats,
+            out[_unique(sub.config.name, out)] = {"n_repeats": sub.config.num_repeats,
                                                            "img_count": sub.img_count}
     return out
 
@@ -55,14 +55,22 @@ def bucket_info(group: DatasetGroup) -> dict[str, Any] | None:
     return group.buckets.to_ss_dict() if group.config.enable_bucket else None
 
 
-def _subset_entry(sub: SubsetSummary) -> dict[str, Any]:
+def _subset_entry(sub: SubsetSummary, is_dreambooth: bool) -> dict[str, Any]:
     c = sub.config
-    return {"img_count": sub.img_count, "num_repeats": c.num_repeats, "color_aug": c.color_aug,
-            "flip_aug": c.flip_aug, "random_crop": c.random_crop, "shuffle_caption": c.shuffle_caption,
-            "keep_tokens": c.keep_tokens, "keep_tokens_separator": c.keep_tokens_separator,
-            "secondary_separator": None, "enable_wildcard": False, "caption_prefix": c.caption_prefix,
-            "caption_suffix": c.caption_suffix, "resize_interpolation": c.resize_interpolation,
-            "image_dir": c.image_dir.name, "class_tokens": c.class_tokens, "is_reg": c.is_reg}
+    entry: dict[str, Any] = {
+        "img_count": sub.img_count, "num_repeats": c.num_repeats, "color_aug": c.color_aug,
+        "flip_aug": c.flip_aug, "random_crop": c.random_crop, "shuffle_caption": c.shuffle_caption,
+        "keep_tokens": c.keep_tokens, "keep_tokens_separator": c.keep_tokens_separator,
+        "secondary_separator": c.secondary_separator, "enable_wildcard": c.enable_wildcard,
+        "caption_prefix": c.caption_prefix, "caption_suffix": c.caption_suffix,
+        "resize_interpolation": c.resize_interpolation}
+    if c.image_dir is not None:
+        entry["image_dir"] = c.image_dir.name
+    if is_dreambooth:
+        entry.update(class_tokens=c.class_tokens, is_reg=c.is_reg)
+    else:
+        entry["metadata_file"] = c.metadata_file.name if c.metadata_file is not None else None
+    return entry
 
 
 def datasets_entries(dataset: ImageDataset) -> list[dict[str, Any]]:
@@ -70,15 +78,17 @@ def datasets_entries(dataset: ImageDataset) -> list[dict[str, Any]]:
     entries = []
     for group in dataset.groups:
         cfg = group.config
+        # sd-scripts: a dataset whose subsets all have a metadata_file is a fine-tuning dataset
+        is_dreambooth = any(s.metadata_file is None for s in cfg.subsets)
         entries.append({
-            "is_dreambooth": True, "batch_size_per_device": cfg.batch_size,
+            "is_dreambooth": is_dreambooth, "batch_size_per_device": cfg.batch_size,
             "num_train_images": group.num_train_images, "num_reg_images": group.num_reg_images,
             "resolution": list(cfg.resolution), "enable_bucket": cfg.enable_bucket,
             "min_bucket_reso": cfg.min_bucket_reso if cfg.enable_bucket else None,
             "max_bucket_reso": cfg.max_bucket_reso if cfg.enable_bucket else None,
             "tag_frequency": tag_frequencies(dataset, group.index), "bucket_info": bucket_info(group),
             "resize_interpolation": None,
-            "subsets": [_subset_entry(s) for s in dataset.subsets if s.dataset_index == group.index],
+            "subsets": [_subset_entry(s, is_dreambooth) for s in dataset.subsets if s.dataset_index == group.index],
         })
     return entries
 
@@ -112,3 +122,70 @@ def dataset_metadata(dataset: ImageDataset, data: DataConfig, *, num_batches_per
             "ss_bucket_info": json.dumps(bucket_info(group)),
         })
     return {k: str(v) for k, v in meta.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- debug_dataset
+
+
+def _sample_uses(dataset: ImageDataset, seed: int, per_subset: int) -> dict[tuple[int, int], list[str]]:
+    """The first uses of each subset's images in epoch 1, as training will see them: step, file, sizes, flip and
+    the processed caption (same random draws as `load_batch`), one line each."""
+    from lib_lora.train.data.sampler import epoch_plan
+
+    out: dict[tuple[int, int], list[str]] = {}
+    for plan in epoch_plan(dataset, seed, 1):
+        for slot, idx in enumerate(plan.items):
+            item = dataset.items[idx]
+            lines = out.setdefault((item.dataset_index, item.subset_index), [])
+            if len(lines) >= per_subset:
+                continue
+            flip, caption = dataset.use_choices(item, dataset.use_rng(seed, plan, slot), plan.epoch)
+            (w, h), (bw, bh) = item.size, item.placement.bucket_reso
+            extra = "".join([", flipped" if flip else "", f", mask {item.mask.name}" if item.mask else ""])
+            written = item.caption.replace("\n", " | ")
+            shown = f'"{caption}"' + (f' (written: "{written}")' if written != caption else "")
+            lines.append(f"    step {plan.index + 1}: {item.path.name} {w}x{h} -> {bw}x{bh}{extra}: {shown}")
+    return out
+
+
+def _subset_line(sub: SubsetSummary) -> str:
+    c = sub.config
+    parts = [f"{sub.img_count} images x {c.num_repeats} repeats"]
+    if c.is_reg:
+        parts.append("regularisation")
+    if c.metadata_file is not None:
+        parts.append(f"captions from {c.metadata_file}")
+    if c.conditioning_data_dir is not None:
+        parts.append(f"masks from {c.conditioning_data_dir}")
+    elif c.alpha_mask:
+        parts.append("alpha channel as mask")
+    return f"  {c.location}: {', '.join(parts)}"
+
+
+def debug_report(data: DataConfig, seed: int, *, samples: int = 3, prior_loss_weight: float = 1.0) -> str:
+    """What sd-scripts' `debug_dataset` shows, as text: per dataset its buckets and steps per epoch, per subset its
+    images, repeats and the first `samples` captions as processed for training (epoch 1, `seed`). Builds and checks
+    the dataset (a `DatasetError` lists every problem); loads no model and writes nothing.
+
+    Example: print(debug_report(cfg.data, seed=cfg.run.seed or 0))
+    """
+    from lib_lora.train.data.dataset import build_dataset
+
+    dataset = build_dataset(data, split="train", seed=seed, prior_loss_weight=prior_loss_weight)
+    uses = _sample_uses(dataset, seed, samples)
+    lines = [f"debug_dataset: {len(dataset.items)} images, {dataset.num_train_images} training samples per epoch "
+             f"(repeats included), {dataset.num_reg_images} regularisation, {dataset.num_batches_per_epoch} steps "
+             f"per epoch, seed {seed}; nothing is trained or written"]
+    lines += [f"warning: {w}" for w in dataset.warnings]
+    for group in dataset.groups:
+        cfg = group.config
+        w, h = cfg.resolution
+        bucketing = (f"buckets {cfg.min_bucket_reso}..{cfg.max_bucket_reso} step {cfg.bucket_reso_steps}"
+                     + (", no upscale" if cfg.bucket_no_upscale else "") if cfg.enable_bucket else "no bucketing")
+        lines.append(f"dataset {group.index}: resolution {w}x{h}, batch size {cfg.batch_size}, {bucketing}, "
+                     f"{dataset.group_batches(group)} steps per epoch")
+        for j, sub in enumerate(s for s in dataset.subsets if s.dataset_index == group.index):
+            lines.append(_subset_line(sub))
+            lines += uses.get((group.index, j), [])
+        lines += ["  " + line for line in group.buckets.describe().splitlines()]
+    return "\n".join(lines)
