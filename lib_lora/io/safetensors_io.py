@@ -224,7 +224,6 @@ def save_file(
     _fsync_dir(path.parent)
 
 
-<<<<<<< HEAD
 def _sort_metadata(path: str) -> None:
     """Rewrite a safetensors header with its metadata keys sorted, in place.
 
@@ -245,7 +244,9 @@ def _sort_metadata(path: str) -> None:
 
 def default_file_mode() -> int:
     """The mode a plain `open(path, "w")` would give a new file (0666 minus the umask)."""
-=======
+    return 0o666 & ~_umask()
+
+
 def temp_prefix(target: Path) -> str:
     """Hidden temporaries carry the writer's process id, so a later run can tell an abandoned one (its writer
     is gone: killed during a save) from one being written right now."""
@@ -290,10 +291,9 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 def _umask() -> int:
->>>>>>> main
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
