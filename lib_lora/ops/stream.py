@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lib_lora.errors import FileFormatError
+from lib_lora.errors import FileFormatError, WriteError, describe_os_error, is_write_failure
 from lib_lora.io.safetensors_io import Header, read_header
 
 ST_DTYPES = {
@@ -160,7 +160,13 @@ class StreamWriter:
                                f"{entry.dtype} {entry.shape}")
         data = _bytes_of(tensor)
         self._hash.update(data)
-        _write_all(self._fd, data)
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            if not is_write_failure(exc):
+                raise
+            # one line naming the output; the temporary is removed when the `with` block ends
+            raise WriteError(str(self.path), describe_os_error(exc)) from exc
         self._index += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

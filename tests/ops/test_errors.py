@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lib_lora.errors import ArchMismatchError, ConfigError, KeyMapError, NonFiniteError, ShapeMismatchError
+from lib_lora.errors import ArchMismatchError, ConfigError, KeyMapError, NonFiniteError, ShapeMismatchError, WriteError
 from lib_lora.io import save_file
 from lib_lora.ops import (
     ConvertRequest,
@@ -127,7 +127,7 @@ def test_disk_full_leaves_no_partial_file(tiny_checkpoints, tmp_path, monkeypatc
         os.write(fd, data)
 
     monkeypatch.setattr(stream, "_write_all", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="out.safetensors: could not be written: no space left on device"):
         merge_into_model(MergeModelRequest(str(tiny_checkpoints["sd1"]), (LoraInput(str(SMALL_A)),), str(out),
                                            force=True))
     assert out.read_bytes() == b"previous" and not _leftovers(tmp_path)
@@ -138,7 +138,7 @@ def test_disk_full_leaves_no_partial_file(tiny_checkpoints, tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors_io, "st_save_file", partial_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="out.safetensors: could not be written: no space left on device"):
         resize(ResizeRequest(str(SMALL_A), str(out), RankRule(2), force=True))
     assert out.read_bytes() == b"previous" and not _leftovers(tmp_path)
 

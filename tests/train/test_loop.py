@@ -411,6 +411,10 @@ def test_a_run_without_seed_resumes_by_its_own_instruction(tmp_path):
     assert len(seeds) == 1
 
 
+def _vae_spy(model, used: list):
+    return lambda event: used.append(model.vae)
+
+
 def test_vae_option_trains_with_another_vae_and_gives_the_model_back(tmp_path):
     from lib_lora.errors import FileFormatError
     from lib_lora.io import save_file
@@ -426,7 +430,7 @@ def test_vae_option_trains_with_another_vae_and_gives_the_model_back(tmp_path):
         events, listen = _events({"step"})
         cfg = load_config(_setup(tmp_path / name, max_train_steps=1, train_batch_size=1,
                                  vae=str(tmp_path / vae) if vae else None))
-        assert train(cfg, model=model, listeners=[listen, lambda e: used.append(model.vae)]).status == "finished"
+        assert train(cfg, model=model, listeners=[listen, _vae_spy(model, used)]).status == "finished"
         assert model.vae is before
         expected = before if vae is None else other.vae
         # the VAE the run encoded with holds the file's weights, whichever spelling the file uses
