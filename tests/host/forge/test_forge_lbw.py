@@ -15,18 +15,11 @@ from PIL import Image
 
 from tests import hostenv
 from tests.host.a1111.test_a1111_xyz import TE, UNET, xyz_args
-from tests.host.conftest import decode, diff, extension_errors
+from tests.host.conftest import decode, diff
 from tests.host.forge.conftest import PROMPT, STEPS
 
 ONES = ",".join(["1"] * 26)
 ZEROS = ",".join(["0"] * 17)
-
-
-def test_extension_loads_without_errors(forge, txt2img):
-    txt2img()  # Forge loads its model at the first generation
-    status = forge.get("/lora-studio/v1/status")
-    assert status["host"] == "forge" and status["arch"] == "sd1" and status["checkpoint"].startswith("sd15-random")
-    assert extension_errors(forge.log_text()) == []
 
 
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
@@ -45,7 +38,7 @@ def test_te_and_unet_zero_change_only_their_half(txt2img):
 
 
 def test_preset_with_window_equals_the_cli_generate(txt2img, forge, tmp_path):
-    tag = "<lora:f_lora:1:lbw=OUTS:stop=3>"
+    tag = "<lora:f_lora:1:lbw=OUTS:stop=2>"
     host, info = txt2img(tag)
     out = tmp_path / "cli.png"
     command = [sys.executable, "-m", "lib_lora", "generate", "--model", str(hostenv.random_sd15()),
@@ -58,7 +51,7 @@ def test_preset_with_window_equals_the_cli_generate(txt2img, forge, tmp_path):
     ours = np.asarray(Image.open(out).convert("RGB"))
     assert diff(host, txt2img()[0]) > 1.0 and diff(host, txt2img("<lora:f_lora:1:lbw=OUTS>")[0]) > 0.1
     assert diff(host, ours) < 1.0 and np.abs(host.astype(int) - ours.astype(int)).max() <= 8
-    assert "OUTS (lbw=1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1:steps=0-3)" in info["infotexts"][0]
+    assert "OUTS (lbw=1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1:steps=0-2)" in info["infotexts"][0]
 
 
 def test_te_by_unet_grid(forge, txt2img):
