@@ -15,6 +15,7 @@ from typing import Any
 
 from modules import shared
 
+from lib_lora.errors import LibLoraError
 from lib_lora.host import webui_lbw
 from lib_lora.host.a1111 import A1111Adapter, builtin_networks
 from lib_lora.host.webui_lbw import BlockRequest
@@ -116,6 +117,30 @@ class ForgeAdapter(A1111Adapter):
                          short_hash=getattr(info, "shorthash", "") or "", source=getattr(info, "filename", ""),
                          resolution={Arch.SDXL: 1024}.get(arch, 512), device=str(param.device),
                          dtype=str(param.dtype).removeprefix("torch."))
+
+    # ------------------------------------------------------------------------------------ training
+
+    def remove_lora_patches(self) -> None:
+        """Forge's own loader puts back the weights it merged (from its backup) and forgets the merged set, so the
+        next generation with a LoRA merges afresh."""
+        from lib_lora.host.forge_train import restore_original_weights
+
+        model = self.sd_model()
+        if model is not None:
+            restore_original_weights(model)
+        self._windows = None
+
+    def train_loaded(self, cfg, listeners, should_stop):
+        """Train `cfg` through our modules over the weights Forge has loaded (`forge_train`): its own U-Net
+        cannot be differentiated through."""
+        from lib_lora.host.forge_train import train_on_engine
+
+        model, info = self.sd_model(), self.model_info()
+        if model is None or info is None:
+            raise LibLoraError("Forge has not loaded a model yet: generate one image first (Forge loads its "
+                               "model at the first generation)")
+        return train_on_engine(model, cfg, self.model_facts(), listeners, should_stop, name=info.name,
+                               path=info.source, short_hash=info.short_hash)
 
     def status(self) -> dict:
         out = super().status()

@@ -15,7 +15,9 @@ originals), so the run trains on the checkpoint's weights.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,12 @@ from lib_lora.errors import ConfigError
 from lib_lora.sd.checkpoint import model_from_tensors
 from lib_lora.sd.model import SDModel
 from lib_lora.types import Arch
+
+if TYPE_CHECKING:
+    from lib_lora.train.config import TrainConfig
+    from lib_lora.train.events import Listener
+    from lib_lora.train.loop import TrainResult
+    from lib_lora.train.metadata import ModelFacts
 
 # Where each Forge component's state dict sits in an LDM checkpoint (SD1: Forge's CLIP is transformers' model,
 # which is the SD1 file's layout under `cond_stage_model.`).
@@ -87,3 +95,26 @@ def trainable_model(engine: Any, *, name: str, path: str, short_hash: str = "") 
     loaded = model_from_tensors(tensors, path or name, arch=Arch.SD1, prediction_type=prediction_type(engine),
                                 device=first.device, dtype=first.dtype, short_hash=short_hash, name=name)
     return loaded.model
+
+
+def train_on_engine(engine: Any, cfg: TrainConfig, facts: ModelFacts, listeners: Sequence[Listener],
+                    should_stop: Callable[[], bool], *, name: str, path: str, short_hash: str = "") -> TrainResult:
+    """Train `cfg` on the model Forge has loaded, through our diffusers modules over its weights (see the module
+    docstring); sample images come from our pipeline on the same modules with the network attached."""
+    from lib_lora.train import loop, session
+    from lib_lora.train.distributed import DistContext
+    from lib_lora.train.families.diffusers_family import DiffusersFamily
+    from lib_lora.train.run import pipeline_sampler, vae_options
+
+    model = trainable_model(engine, name=name, path=path, short_hash=short_hash)
+    with vae_options(cfg, model):
+        family = DiffusersFamily(model)
+        try:
+            out_dir = Path(cfg.output.output_dir) if cfg.output.output_dir else Path("output")
+            sample_fn = pipeline_sampler(model, out_dir / "sample", cfg.sampling.sample_sampler,
+                                         cfg.output.output_name)
+            s = session.prepare(cfg, family, facts, listeners=listeners, should_stop=should_stop,
+                                sample_fn=sample_fn, dist=DistContext.detect(family.device))
+            return loop.run(s)
+        finally:
+            family.close()

@@ -38,7 +38,7 @@ def test_te_and_unet_zero_change_only_their_half(txt2img):
 
 
 def test_preset_with_window_equals_the_cli_generate(txt2img, forge, tmp_path):
-    tag = "<lora:f_lora:1:lbw=OUTS:stop=2>"
+    tag = "<lora:f_lora:1:lbw=OUTS:stop=1>"
     host, info = txt2img(tag)
     out = tmp_path / "cli.png"
     command = [sys.executable, "-m", "lib_lora", "generate", "--model", str(hostenv.random_sd15()),
@@ -49,9 +49,9 @@ def test_preset_with_window_equals_the_cli_generate(txt2img, forge, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     ours = np.asarray(Image.open(out).convert("RGB"))
-    assert diff(host, txt2img()[0]) > 1.0 and diff(host, txt2img("<lora:f_lora:1:lbw=OUTS>")[0]) > 0.1
+    assert diff(host, txt2img()[0]) > 1.0 and diff(host, txt2img("<lora:f_lora:1:lbw=OUTS>")[0]) > 0.0
     assert diff(host, ours) < 1.0 and np.abs(host.astype(int) - ours.astype(int)).max() <= 8
-    assert "OUTS (lbw=1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1:steps=0-2)" in info["infotexts"][0]
+    assert "OUTS (lbw=1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1:steps=0-1)" in info["infotexts"][0]
 
 
 def test_te_by_unet_grid(forge, txt2img):
