@@ -12,6 +12,7 @@ when the web UI expects callbacks to be registered.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Mapping
@@ -55,6 +56,7 @@ class A1111Adapter:
         self._steps = 0
         self._module_paths: tuple[int, dict[int, str]] = (0, {})
         self._host = None
+        self._training = None
 
     # ------------------------------------------------------------------------------------ registration
 
@@ -137,6 +139,13 @@ class A1111Adapter:
         return blocks.block_of_compvis(path, self.arch())
 
     # ------------------------------------------------------------------------------------ the LoRA hook
+
+    def before_process(self, p: Any) -> None:
+        """No generation while a training run holds the model (it would draw with the half-trained network and race
+        the optimizer): the job stops at once with the reason."""
+        reason = self._training.blocks_generation() if self._training is not None else ""
+        if reason:
+            self.fail(p, LibLoraError(reason))
 
     def process(self, p: Any) -> None:
         """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`), and
@@ -269,14 +278,16 @@ class A1111Adapter:
                          source=info.filename, resolution=resolution, device=str(param.device),
                          dtype=str(param.dtype).removeprefix("torch."))
 
-    def txt2img(self, params):
+    def txt2img(self, params, save: bool = True):
         """Generate through the web UI's processing, with its always-on scripts (our block hook among them)."""
         from modules import call_queue, processing
 
         from lib_lora.host.base import HostResult
 
         runner = scripts.scripts_txt2img
-        width, height = params.width or 512, params.height or 512
+        info = self.model_info()
+        size = info.resolution if info is not None else 512
+        width, height = params.width or size, params.height or size
         with call_queue.queue_lock:
             shared.state.begin(job="lora_studio_txt2img")
             try:
@@ -286,6 +297,7 @@ class A1111Adapter:
                     width=width, height=height, batch_size=params.batch_size,
                     outpath_samples=shared.opts.outdir_txt2img_samples, outpath_grids=shared.opts.outdir_txt2img_grids,
                     do_not_save_grid=True)
+                p.do_not_save_samples = not save
                 p.scripts = runner
                 p.script_args = tuple(self.default_script_args(runner))
                 processed = processing.process_images(p)
@@ -314,6 +326,106 @@ class A1111Adapter:
     def outputs_dir(self) -> Path:
         return Path(shared.opts.outdir_txt2img_samples or shared.opts.outdir_samples or "outputs")
 
+    def samplers(self) -> list[str]:
+        from modules import sd_samplers
+
+        return [s.name for s in sd_samplers.all_samplers]
+
+    def checkpoints(self) -> list[str]:
+        from modules import sd_models
+
+        return [info.filename for info in sd_models.checkpoints_list.values()]
+
+    def settings_dir(self) -> Path:
+        from modules import paths_internal
+
+        return Path(paths_internal.data_path) / "lora-studio"
+
+    def refresh_loras(self) -> None:
+        """Rescan the LoRA folder for the web UI's list (its Lora tab, /sdapi/v1/loras) and for our tabs."""
+        builtin_networks().list_available_networks()
+        self.host().lora_library().refresh()
+
+    # ------------------------------------------------------------------------------------ training
+
+    def training(self):
+        """The training queue of this web-UI process (`webui_train.WebUITraining`)."""
+        if self._training is None:
+            from lib_lora.host.webui_train import WebUITraining
+
+            self._training = WebUITraining(self)
+        return self._training
+
+    def train_defaults(self) -> dict[str, Any]:
+        info = self.model_info()
+        return {"pretrained_model_name_or_path": info.source if info else "", "output_dir": str(self.output_dir()),
+                "resolution": str(info.resolution if info else 512)}
+
+    @contextlib.contextmanager
+    def exclusive_model(self):
+        """Wait for the generation in progress (the web UI's queue lock; later ones are refused by
+        `before_process`), then take the built-in LoRA's merged weights off the model."""
+        from modules import call_queue
+
+        with call_queue.queue_lock:
+            self.remove_lora_patches()
+        yield
+
+    def remove_lora_patches(self) -> None:
+        """Put back the weights the built-in LoRA merged (from its own backups) and forget them, so the next
+        generation with a LoRA merges afresh."""
+        import torch
+
+        networks = builtin_networks()
+        with torch.no_grad():
+            for module in self.sd_model().modules():
+                if getattr(module, "network_weights_backup", None) is not None:
+                    networks.network_restore_weights_from_backup(module)
+                if hasattr(module, "network_current_names"):
+                    networks.network_reset_cached_weight(module)
+        networks.loaded_networks.clear()
+        self._hook = None
+
+    def train_loaded(self, cfg, listeners, should_stop):
+        """Train `cfg` on `shared.sd_model` in place, through the web UI's own modules and attention."""
+        from lib_lora.host.webui_train import train_ldm
+
+        if self.model_info() is None:
+            raise LibLoraError("the web UI has no model loaded yet: generate once or pick a checkpoint")
+        folder = Path(cfg.output.output_dir or self.output_dir()) / "sample"
+        return train_ldm(self.sd_model(), cfg, self.model_facts(), listeners, should_stop,
+                         self.sample_fn(folder, cfg.output.output_name, cfg.sampling.sample_sampler))
+
+    def model_facts(self):
+        from lib_lora.train.metadata import ModelFacts
+
+        model, info = self.sd_model(), self.model_info()
+        checkpoint = model.sd_checkpoint_info
+        return ModelFacts(info.arch, getattr(model, "parameterization", "eps") == "v", Path(checkpoint.filename).name,
+                          legacy_hash=getattr(checkpoint, "hash", "") or "",
+                          sha256=getattr(checkpoint, "sha256", "") or "", resolution=info.resolution)
+
+    def sample_fn(self, folder: Path, output_name: str, default_sampler: str):
+        """Sample images through the web UI's txt2img while the network is attached (hooked) to its model."""
+        from lib_lora.sd.pipeline import GenerationParams, save_png
+        from lib_lora.train.sample_prompts import map_sampler
+
+        def sample(prompts, step: int, epoch: int) -> list[Path]:
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for i, sp in enumerate(prompts):
+                params = GenerationParams(prompt=sp.prompt, negative_prompt=sp.negative_prompt,
+                                          sampler=sp.sampler or map_sampler(default_sampler), steps=sp.steps,
+                                          cfg_scale=sp.cfg_scale, seed=sp.seed if sp.seed is not None else 1000 + i,
+                                          width=sp.width or 0, height=sp.height or 0)
+                result = self.txt2img(params, save=False)
+                path = folder / f"{output_name}_{step:06d}_{i:02d}_{result.seeds[0]}.png"
+                save_png(result.images[0], path, result.infotexts[0])
+                paths.append(path)
+            return paths
+
+        return sample
+
     def status(self) -> dict:
         model = self.sd_model()
         info = getattr(model, "sd_checkpoint_info", None)
@@ -334,6 +446,9 @@ def make_script_class(adapter: A1111Adapter) -> type:
 
         def ui(self, is_img2img: bool) -> list:
             return []
+
+        def before_process(self, p: Any, *args: Any) -> None:
+            adapter.before_process(p)
 
         def process(self, p: Any, *args: Any) -> None:
             adapter.process(p)

@@ -4,8 +4,10 @@
     GET  /lora-studio/v1/presets          block-weight presets: built-in ones for the loaded model, the user's file
     GET  /lora-studio/v1/xyz-axes         the X/Y/Z plot's axis labels, in the order its type indexes count
     POST /lora-studio/v1/train            start training the loaded model: {"options": {sd-scripts names}}
-    GET  /lora-studio/v1/train            the training job: status, step, loss, files, report
-    POST /lora-studio/v1/train/stop       stop after the current step (the LoRA and a resumable state are saved)
+    GET  /lora-studio/v1/train[?run=ID]   a run (default: the running one, else the latest): status, step, loss,
+                                          files, report; and the list of runs
+    POST /lora-studio/v1/train/stop       stop the running run after its current step (the LoRA and a resumable
+                                          state are saved); {"resume_run": ID} to POST /train continues it
 
 Bodies and answers are plain JSON (no pydantic models: the hosts ship pydantic 1 and 2). Bad input answers
 400 with {"error": message}; nothing is started then.
@@ -33,7 +35,7 @@ def add_routes(app: Any, adapter: Any) -> None:
     @app.get(f"{PREFIX}/status")
     def status() -> dict:
         out = adapter.status()
-        out["training"] = adapter.trainer().status() if hasattr(adapter, "trainer") else None
+        out["training"] = adapter.training().status() if hasattr(adapter, "training") else None
         return out
 
     @app.get(f"{PREFIX}/presets")
@@ -44,17 +46,17 @@ def add_routes(app: Any, adapter: Any) -> None:
     def xyz_axes(tab: str = "txt2img") -> dict:
         return {"tab": tab, "labels": adapter.xyz_axis_labels(tab == "img2img")}
 
-    if not hasattr(adapter, "trainer"):
+    if not hasattr(adapter, "training"):
         return
 
     @app.post(f"{PREFIX}/train")
     def train(body: dict = Body(...)) -> Any:  # noqa: B008 - FastAPI's way of declaring a JSON body
-        return guarded(adapter.trainer().start, body)
+        return guarded(adapter.training().start, body)
 
     @app.get(f"{PREFIX}/train")
-    def train_status() -> dict:
-        return adapter.trainer().status()
+    def train_status(run: int | None = None) -> Any:
+        return guarded(adapter.training().status, run)
 
     @app.post(f"{PREFIX}/train/stop")
     def train_stop() -> dict:
-        return adapter.trainer().stop()
+        return adapter.training().stop()

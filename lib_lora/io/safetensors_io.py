@@ -170,7 +170,8 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileFormatError(path, "not a PyTorch checkpoint (neither a torch zip archive nor a pickle)"
                               + (f": it looks like {other}" if other else f"; it starts with bytes {head[:4].hex()}"))
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        # not `torch.load`, which A1111 replaces with a checker that returns None for files of newer torch
+        obj = torch.serialization.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load's refusal comes in several exception types
         if "weights only" not in str(exc).lower() and "unsupported global" not in str(exc).lower():
             raise FileFormatError(path, f"damaged or truncated PyTorch file ({type(exc).__name__}: "
