@@ -5,18 +5,13 @@ same file and checkpoint; a TE x U-Net grid has the right size and its corners a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests import hostenv
 from tests.host.a1111.test_a1111_xyz import TE, UNET, xyz_args
 from tests.host.conftest import decode, diff
-from tests.host.forge.conftest import PROMPT, STEPS
+from tests.host.forge.conftest import PROMPT, cli_generate
 
 ONES = ",".join(["1"] * 26)
 ZEROS = ",".join(["0"] * 17)
@@ -40,15 +35,7 @@ def test_te_and_unet_zero_change_only_their_half(txt2img):
 def test_preset_with_window_equals_the_cli_generate(txt2img, forge, tmp_path):
     tag = "<lora:f_lora:1:lbw=OUTS:stop=1>"
     host, info = txt2img(tag)
-    out = tmp_path / "cli.png"
-    command = [sys.executable, "-m", "lib_lora", "generate", "--model", str(hostenv.random_sd15()),
-               "--lora-dir", str(forge.lora_dir), "--prompt", f"{PROMPT} {tag}", "--seed", "1234",
-               "--steps", str(STEPS), "--cfg", "7", "--sampler", "Euler a", "--width", "64", "--height", "64",
-               "--outputs", str(tmp_path / "outputs"), "--out", str(out), "--no-progress"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=hostenv.ROOT, check=False,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    ours = np.asarray(Image.open(out).convert("RGB"))
+    ours = cli_generate(forge.lora_dir, f"{PROMPT} {tag}", tmp_path)
     assert diff(host, txt2img()[0]) > 1.0 and diff(host, txt2img("<lora:f_lora:1:lbw=OUTS>")[0]) > 0.0
     assert diff(host, ours) < 1.0 and np.abs(host.astype(int) - ours.astype(int)).max() <= 8
     assert "OUTS (lbw=1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1:steps=0-1)" in info["infotexts"][0]

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lib_lora.sd.sample_dataset import write_sample_dataset
 from lib_lora.train.checkpoint import STATE_FILE
 from tests.host.conftest import artifact, diff
+from tests.host.forge.conftest import cli_generate
 
 RUN_TIMEOUT = 1200
 OPTIONS = {"resolution": "64", "train_batch_size": 1, "learning_rate": 2e-3, "network_dim": 4, "network_alpha": 4,
@@ -63,7 +65,7 @@ def wait_for(server, run_id: int, test, what: str, timeout: float = RUN_TIMEOUT,
     raise AssertionError(f"run #{run_id} not {what} after {timeout} s: {run_state(server, run_id)}")
 
 
-def test_a_run_trains_the_loaded_model_and_gives_it_back(forge, txt2img, dataset, baseline):
+def test_a_run_trains_the_loaded_model_and_gives_it_back(forge, txt2img, dataset, baseline, tmp_path):
     plain, with_lora = baseline
     before_mb = rss_mb(forge.proc.pid)
     options = {**OPTIONS, "train_data_dir": str(dataset.folder), "output_name": "new", "max_train_steps": 20}
@@ -80,7 +82,11 @@ def test_a_run_trains_the_loaded_model_and_gives_it_back(forge, txt2img, dataset
     assert np.array_equal(txt2img("<lora:f_lora:1>")[0], with_lora)
     trained, _ = txt2img(f"{dataset.prompt} <lora:new:1>")
     untrained, _ = txt2img(dataset.prompt)
-    assert diff(trained, untrained) > 0.5  # Forge loads the file and it changes the image
+    for name, image in (("trained", trained), ("untrained", untrained)):
+        Image.fromarray(image).save(artifact(f"forge_{name}.png"))
+    assert diff(trained, untrained) > 0.5  # Forge loads the file and it changes the image ...
+    ours = cli_generate(forge.lora_dir, f"{dataset.prompt} <lora:new:1>", tmp_path)  # ... as our engine applies it
+    assert diff(trained, ours) < 1.0 and np.abs(trained.astype(int) - ours.astype(int)).max() <= 8
     figures = {"rss_before_mb": round(before_mb), "rss_peak_during_run_mb": round(max(memory, default=0)),
                "extra_mb": round(max(memory, default=0) - before_mb), "run_seconds": round(seconds, 1),
                "diff_trained_untrained": diff(trained, untrained)}
