@@ -368,23 +368,34 @@ class A1111Adapter:
         from modules import call_queue
 
         with call_queue.queue_lock:
-            self.remove_lora_patches()
-        yield
+            removed = self.remove_lora_patches()
+            forget_conditioning()
+        try:
+            yield removed
+        finally:
+            forget_conditioning()
 
-    def remove_lora_patches(self) -> None:
+    def remove_lora_patches(self) -> str:
         """Put back the weights the built-in LoRA merged (from its own backups) and forget them, so the next
-        generation with a LoRA merges afresh."""
+        generation with a LoRA merges afresh. Returns what was done, for the run's log ("" when nothing was)."""
         import torch
 
         networks = builtin_networks()
+        names = [net.name for net in networks.loaded_networks]
+        restored = 0
         with torch.no_grad():
             for module in self.sd_model().modules():
                 if getattr(module, "network_weights_backup", None) is not None:
                     networks.network_restore_weights_from_backup(module)
+                    restored += 1
                 if hasattr(module, "network_current_names"):
                     networks.network_reset_cached_weight(module)
         networks.loaded_networks.clear()
         self._hook = None
+        if not restored:
+            return ""
+        return (f"the web UI's LoRA weights ({', '.join(names) or 'last used'}) were taken off {restored} layers of "
+                "the model before training")
 
     def train_loaded(self, cfg, listeners, should_stop):
         """Train `cfg` on `shared.sd_model` in place, through the web UI's own modules and attention."""
@@ -418,6 +429,7 @@ class A1111Adapter:
                                           sampler=sp.sampler or map_sampler(default_sampler), steps=sp.steps,
                                           cfg_scale=sp.cfg_scale, seed=sp.seed if sp.seed is not None else 1000 + i,
                                           width=sp.width or 0, height=sp.height or 0)
+                forget_conditioning()  # the text encoder changes from step to step
                 result = self.txt2img(params, save=False)
                 path = folder / f"{output_name}_{step:06d}_{i:02d}_{result.seeds[0]}.png"
                 save_png(result.images[0], path, result.infotexts[0])
@@ -432,6 +444,17 @@ class A1111Adapter:
         return {"host": self.host_name, "pid": os.getpid(), "arch": self.arch().value if model is not None else None,
                 "checkpoint": getattr(info, "name", None), "lora_dir": str(self.lora_dir()),
                 "output_dir": str(self.output_dir())}
+
+
+def forget_conditioning() -> None:
+    """Empty the web UI's prompt-conditioning caches: their key (prompt, steps, checkpoint, LoRA tags) does not
+    see a text encoder that a run trains, so a cond from before or during a run would be reused after it."""
+    from modules import processing
+
+    for cache in (processing.StableDiffusionProcessing.cached_c, processing.StableDiffusionProcessing.cached_uc,
+                  processing.StableDiffusionProcessingTxt2Img.cached_hr_c,
+                  processing.StableDiffusionProcessingTxt2Img.cached_hr_uc):
+        cache[0] = cache[1] = None
 
 
 def make_script_class(adapter: A1111Adapter) -> type:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from lib_lora.errors import ConfigError
 from lib_lora.train.config import TrainConfig
-from lib_lora.train.events import Listener
+from lib_lora.train.events import Listener, ProgressEvent
 from lib_lora.train.loop import TrainResult
 from lib_lora.train.metadata import ModelFacts
 from lib_lora.train.runs import RunManager, RunView
@@ -28,7 +28,8 @@ from lib_lora.train.session import SampleFn
 class TrainingAdapter(Protocol):
     """What `WebUITraining` needs from a web-UI adapter."""
 
-    def exclusive_model(self) -> contextlib.AbstractContextManager: ...
+    def exclusive_model(self) -> contextlib.AbstractContextManager[str]:
+        """Hold the model for a run; yields a note for the run's log about what was taken off the model."""
 
     def train_loaded(self, cfg: TrainConfig, listeners: Sequence[Listener],
                      should_stop: Callable[[], bool]) -> TrainResult: ...
@@ -91,7 +92,10 @@ class WebUITraining:
         self._owner = threading.get_ident()
         self._busy.set()
         try:
-            with self.adapter.exclusive_model():
+            with self.adapter.exclusive_model() as note:
+                if note:
+                    for listen in listeners:
+                        listen(ProgressEvent("warning", message=note))
                 return self.adapter.train_loaded(cfg, listeners, should_stop)
         finally:
             self._busy.clear()

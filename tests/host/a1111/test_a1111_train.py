@@ -70,10 +70,15 @@ def test_the_tab_is_in_the_page(a1111):
 
 def test_a_run_trains_the_loaded_model_and_gives_it_back(a1111, txt2img, dataset, baseline):
     plain, with_lora = baseline
-    run = a1111.post("/lora-studio/v1/train", {"options": {**OPTIONS, "train_data_dir": str(dataset.folder),
-                                                           "output_name": "new", "max_train_steps": 20}})["run"]
+    prompts = dataset.folder.parent / "prompts.txt"
+    prompts.write_text(f"{dataset.prompt} --w 64 --h 64 --s 8 --d 5\n")
+    options = {**OPTIONS, "train_data_dir": str(dataset.folder), "output_name": "new", "max_train_steps": 20,
+               "sample_prompts": str(prompts), "sample_every_n_steps": "10"}
+    run = a1111.post("/lora-studio/v1/train", {"options": options})["run"]
     run = wait_for(a1111, run["id"], lambda r: r["status"] == "finished", "finished")
     assert run["step"] == 20 and Path(run["result_file"]) == a1111.lora_dir / "new.safetensors"
+    assert any("t_lora" in line and "taken off" in line for line in run["log"]), run["log"]
+    assert len(run["samples"]) == 2 and all(Path(p).is_file() for p in run["samples"])  # drawn by the host
     assert "new" in {item["name"] for item in a1111.get("/sdapi/v1/loras")}  # listed without a refresh or restart
 
     after, _ = txt2img()
