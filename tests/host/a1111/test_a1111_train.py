@@ -1,6 +1,7 @@
-"""The LoRA Studio tab inside A1111 and training on the model A1111 has loaded (`shared.sd_model`), through the
-extension's API route (`/lora-studio/v1/train`):
-- the tab is in the page (screenshot of the Training tab inside the host kept in tests/artifacts/);
+"""The LoRA Studio tab inside A1111 and training on the model A1111 has loaded (`shared.sd_model`), from the tab
+and through the extension's API route (`/lora-studio/v1/train`):
+- the tab is in the page with the host's model and LoRA folder as defaults, and a run started from it finishes
+  (screenshots of the Training tab inside the host kept in tests/artifacts/);
 - a 20-step run finishes on the loaded model (after a generation left the built-in LoRA's merged weights on it),
   its file is in the host's LoRA list at once and changes the image, and the host's images without a LoRA, and
   with the other LoRA, are bit-identical to those before training;
@@ -53,19 +54,33 @@ def wait_for(server, run_id: int, test, what: str, timeout: float = RUN_TIMEOUT)
     raise AssertionError(f"run #{run_id} not {what} after {timeout} s: {run_state(server, run_id)}")
 
 
-def test_the_tab_is_in_the_page(a1111):
+def test_the_tab_is_in_the_page_and_trains(a1111, dataset):
     from tests.browser.appserver import browser_page, require_browser, screenshot
+    from tests.browser.test_studio_browser import fill, wait_progress
 
     require_browser()
-    with browser_page(a1111.url) as page:
+    with browser_page(a1111.url, height=1400) as page:
         page.wait_for_selector("#tab_lora_studio_tab", state="attached", timeout=120_000)
         page.locator("#tabs > .tab-nav button", has_text="LoRA Studio").click()
         page.locator("#lora_studio_tabs button", has_text="Training").first.click()
         page.wait_for_selector("#lora_studio_train", state="visible", timeout=60_000)
         assert page.locator("#lora_studio_tabs button", has_text="X/Y plot").count() == 1
         assert page.locator("#lora_studio_tabs button", has_text="LoRA tools").count() == 1
+        # the host's model and LoRA folder are the form's defaults
+        assert page.locator("#lora_studio_opt_output_dir textarea").input_value() == str(a1111.lora_dir)
         shot = screenshot(page, "a1111_training_tab.png")
+        fill(page, "train_data_dir", str(dataset.folder))
+        fill(page, "output_name", "fromtab")
+        fill(page, "caption_extension", ".txt")
+        fill(page, "seed", "4")
+        fill(page, "max_train_steps", "6")
+        page.locator("#lora_studio_train_start").click()
+        page.locator("#lora_studio_train_status").get_by_text("queued").wait_for(timeout=60_000)
+        wait_progress(page, "p.status === 'finished' && p.step === 6", timeout=RUN_TIMEOUT * 1000)
+        page.locator("#lora_studio_train_result").get_by_text("<lora:fromtab:1>").wait_for(timeout=60_000)
+        screenshot(page, "a1111_training_done.png")
     assert shot.stat().st_size > 10_000
+    assert "fromtab" in {item["name"] for item in a1111.get("/sdapi/v1/loras")}
 
 
 def test_a_run_trains_the_loaded_model_and_gives_it_back(a1111, txt2img, dataset, baseline):
