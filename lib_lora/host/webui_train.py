@@ -66,7 +66,8 @@ def view_json(view: RunView | None) -> dict | None:
             "total_steps": view.total_steps, "epoch": view.epoch, "loss": view.losses[-1][1] if view.losses else None,
             "output_name": view.output_name, "output_dir": view.output_dir, "result_file": view.result_file,
             "state_dir": view.state_dir, "resumable": view.resumable, "report": view.report, "error": view.error,
-            "seed": view.seed, "saves": list(view.saves), "samples": list(view.samples), "log": list(view.log[-40:])}
+            "seed": view.seed, "saves": list(view.saves), "samples": list(view.samples), "log": list(view.log[-40:]),
+            "peak_memory_mb": view.peak_memory_mb}
 
 
 class WebUITraining:

@@ -104,7 +104,9 @@ def test_a_run_trains_the_loaded_model_and_gives_it_back(a1111, txt2img, dataset
     untrained, _ = txt2img(dataset.prompt)
     assert diff(trained, untrained) > 0.5
     assert "new: " in info["infotexts"][0]  # Lora hashes: the host loaded our file
-    artifact("a1111_trained_lora.json").write_text(json.dumps({"run": run, "diff": diff(trained, untrained)}))
+    status = a1111.get("/lora-studio/v1/status")
+    artifact("a1111_trained_lora.json").write_text(json.dumps({"run": run, "diff": diff(trained, untrained),
+                                                               "status_after": status}, indent=1))
 
 
 def test_a_run_stopped_half_way_is_resumable_and_the_model_intact(a1111, txt2img, dataset, baseline):
