@@ -144,14 +144,23 @@ class A1111Adapter:
         """No generation while a training run holds the model (it would draw with the half-trained network and race
         the optimizer): the job stops at once with the reason."""
         reason = self._training.blocks_generation() if self._training is not None else ""
-        if reason:
-            self.fail(p, LibLoraError(reason))
+        if not reason:
+            return
+        print(f"LoRA Studio: {reason}", file=sys.stderr)
+        p.comment(reason)
+        p.extra_generation_params["LoRA Studio error"] = reason
+        p.lora_studio_refused = True
+        # `stopping_generation`, not `interrupt()`: the web UI's Interrupt button sets `interrupted`, which is how
+        # the user stops the training run itself.
+        shared.state.stopping_generation = True
 
     def process(self, p: Any) -> None:
         """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`), and
         every tag checked, so a bad one stops the job before anything is drawn."""
         from lib_lora.prompt_syntax import for_webui
 
+        if getattr(p, "lora_studio_refused", False):
+            return
         p.all_prompts = [for_webui(text) for text in p.all_prompts]
         if getattr(p, "all_hr_prompts", None):
             p.all_hr_prompts = [for_webui(text) for text in p.all_hr_prompts]
@@ -370,6 +379,7 @@ class A1111Adapter:
         with call_queue.queue_lock:
             removed = self.remove_lora_patches()
             forget_conditioning()
+            shared.state.interrupted = False  # from here on, the Interrupt button stops the run
         try:
             yield removed
         finally:
@@ -396,6 +406,10 @@ class A1111Adapter:
             return ""
         return (f"the web UI's LoRA weights ({', '.join(names) or 'last used'}) were taken off {restored} layers of "
                 "the model before training")
+
+    def interrupt_requested(self) -> bool:
+        """The web UI's Interrupt button (or /sdapi/v1/interrupt) was pressed."""
+        return bool(shared.state.interrupted)
 
     def train_loaded(self, cfg, listeners, should_stop):
         """Train `cfg` on `shared.sd_model` in place, through the web UI's own modules and attention."""
@@ -431,6 +445,8 @@ class A1111Adapter:
                                           width=sp.width or 0, height=sp.height or 0)
                 forget_conditioning()  # the text encoder changes from step to step
                 result = self.txt2img(params, save=False)
+                if not result.images:  # interrupted: the run stops after this step
+                    break
                 path = folder / f"{output_name}_{step:06d}_{i:02d}_{result.seeds[0]}.png"
                 save_png(result.images[0], path, result.infotexts[0])
                 paths.append(path)

@@ -34,6 +34,8 @@ class TrainingAdapter(Protocol):
     def train_loaded(self, cfg: TrainConfig, listeners: Sequence[Listener],
                      should_stop: Callable[[], bool]) -> TrainResult: ...
 
+    def interrupt_requested(self) -> bool: ...
+
     def train_defaults(self) -> dict[str, Any]: ...
 
     def refresh_loras(self) -> None: ...
@@ -79,6 +81,7 @@ class WebUITraining:
         self._lock = threading.Lock()
         self._busy = threading.Event()
         self._owner: int | None = None  # the thread of the run holding the model
+        self._interrupt_noted = False
 
     def runs(self) -> RunManager:
         with self._lock:
@@ -91,16 +94,28 @@ class WebUITraining:
         # Busy first, then wait for the model: a generation that starts meanwhile is refused, the one in
         # progress finishes before the run touches the model.
         self._owner = threading.get_ident()
+        self._interrupt_noted = False
         self._busy.set()
         try:
             with self.adapter.exclusive_model() as note:
                 if note:
                     for listen in listeners:
                         listen(ProgressEvent("warning", message=note))
-                return self.adapter.train_loaded(cfg, listeners, should_stop)
+                return self.adapter.train_loaded(cfg, listeners, lambda: should_stop() or self._interrupted(listeners))
         finally:
             self._busy.clear()
             self._owner = None
+
+    def _interrupted(self, listeners: Sequence[Listener]) -> bool:
+        """The web UI's own Interrupt button stops the run too (said once in the run's log)."""
+        if not self.adapter.interrupt_requested():
+            return False
+        if not self._interrupt_noted:
+            self._interrupt_noted = True
+            note = ProgressEvent("warning", message="the web UI's Interrupt was pressed: stopping after this step")
+            for listen in listeners:
+                listen(note)
+        return True
 
     def blocks_generation(self) -> str:
         """Why a generation must not run now ("" when it may): a run holds the model. The run's own sample images

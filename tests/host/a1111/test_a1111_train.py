@@ -6,7 +6,8 @@ and through the extension's API route (`/lora-studio/v1/train`):
   its file is in the host's LoRA list at once and changes the image, and the host's images without a LoRA, and
   with the other LoRA, are bit-identical to those before training;
 - while a run trains, the host's txt2img is refused with a message; a run stopped half-way leaves a resumable
-  state (its resumption continues from the step it stopped at) and an intact model."""
+  state (its resumption continues from the step it stopped at) and an intact model; the host's own Interrupt
+  stops a run too."""
 from __future__ import annotations
 
 import json
@@ -129,7 +130,8 @@ def test_a_run_stopped_half_way_is_resumable_and_the_model_intact(a1111, txt2img
     resumed = a1111.post("/lora-studio/v1/train", {"resume_run": run["id"]})["run"]
     going = wait_for(a1111, resumed["id"], lambda r: r["step"] > stopped["step"], "continuing")
     assert going["seed"] == stopped["seed"]
-    a1111.post("/lora-studio/v1/train/stop")
-    wait_for(a1111, resumed["id"], lambda r: r["status"] == "stopped", "stopped", timeout=300)
+    a1111.post("/sdapi/v1/interrupt")  # the web UI's own Interrupt stops a run too
+    interrupted = wait_for(a1111, resumed["id"], lambda r: r["status"] == "stopped", "stopped", timeout=300)
+    assert interrupted["resumable"] and any("Interrupt" in line for line in interrupted["log"])
     again, _ = txt2img()
     assert np.array_equal(again, plain)
