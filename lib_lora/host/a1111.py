@@ -144,14 +144,23 @@ class A1111Adapter:
         """No generation while a training run holds the model (it would draw with the half-trained network and race
         the optimizer): the job stops at once with the reason."""
         reason = self._training.blocks_generation() if self._training is not None else ""
-        if reason:
-            self.fail(p, LibLoraError(reason))
+        if not reason:
+            return
+        print(f"LoRA Studio: {reason}", file=sys.stderr)
+        p.comment(reason)
+        p.extra_generation_params["LoRA Studio error"] = reason
+        p.lora_studio_refused = True
+        # `stopping_generation`, not `interrupt()`: the web UI's Interrupt button sets `interrupted`, which is how
+        # the user stops the training run itself.
+        shared.state.stopping_generation = True
 
     def process(self, p: Any) -> None:
         """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`), and
         every tag checked, so a bad one stops the job before anything is drawn."""
         from lib_lora.prompt_syntax import for_webui
 
+        if getattr(p, "lora_studio_refused", False):
+            return
         p.all_prompts = [for_webui(text) for text in p.all_prompts]
         if getattr(p, "all_hr_prompts", None):
             p.all_hr_prompts = [for_webui(text) for text in p.all_hr_prompts]
@@ -368,23 +377,39 @@ class A1111Adapter:
         from modules import call_queue
 
         with call_queue.queue_lock:
-            self.remove_lora_patches()
-        yield
+            removed = self.remove_lora_patches()
+            forget_conditioning()
+            shared.state.interrupted = False  # from here on, the Interrupt button stops the run
+        try:
+            yield removed
+        finally:
+            forget_conditioning()
 
-    def remove_lora_patches(self) -> None:
+    def remove_lora_patches(self) -> str:
         """Put back the weights the built-in LoRA merged (from its own backups) and forget them, so the next
-        generation with a LoRA merges afresh."""
+        generation with a LoRA merges afresh. Returns what was done, for the run's log ("" when nothing was)."""
         import torch
 
         networks = builtin_networks()
+        names = [net.name for net in networks.loaded_networks]
+        restored = 0
         with torch.no_grad():
             for module in self.sd_model().modules():
                 if getattr(module, "network_weights_backup", None) is not None:
                     networks.network_restore_weights_from_backup(module)
+                    restored += 1
                 if hasattr(module, "network_current_names"):
                     networks.network_reset_cached_weight(module)
         networks.loaded_networks.clear()
         self._hook = None
+        if not restored:
+            return ""
+        return (f"the web UI's LoRA weights ({', '.join(names) or 'last used'}) were taken off {restored} layers of "
+                "the model before training")
+
+    def interrupt_requested(self) -> bool:
+        """The web UI's Interrupt button (or /sdapi/v1/interrupt) was pressed."""
+        return bool(shared.state.interrupted)
 
     def train_loaded(self, cfg, listeners, should_stop):
         """Train `cfg` on `shared.sd_model` in place, through the web UI's own modules and attention."""
@@ -418,7 +443,10 @@ class A1111Adapter:
                                           sampler=sp.sampler or map_sampler(default_sampler), steps=sp.steps,
                                           cfg_scale=sp.cfg_scale, seed=sp.seed if sp.seed is not None else 1000 + i,
                                           width=sp.width or 0, height=sp.height or 0)
+                forget_conditioning()  # the text encoder changes from step to step
                 result = self.txt2img(params, save=False)
+                if not result.images:  # interrupted: the run stops after this step
+                    break
                 path = folder / f"{output_name}_{step:06d}_{i:02d}_{result.seeds[0]}.png"
                 save_png(result.images[0], path, result.infotexts[0])
                 paths.append(path)
@@ -432,6 +460,17 @@ class A1111Adapter:
         return {"host": self.host_name, "pid": os.getpid(), "arch": self.arch().value if model is not None else None,
                 "checkpoint": getattr(info, "name", None), "lora_dir": str(self.lora_dir()),
                 "output_dir": str(self.output_dir())}
+
+
+def forget_conditioning() -> None:
+    """Empty the web UI's prompt-conditioning caches: their key (prompt, steps, checkpoint, LoRA tags) does not
+    see a text encoder that a run trains, so a cond from before or during a run would be reused after it."""
+    from modules import processing
+
+    for cache in (processing.StableDiffusionProcessing.cached_c, processing.StableDiffusionProcessing.cached_uc,
+                  processing.StableDiffusionProcessingTxt2Img.cached_hr_c,
+                  processing.StableDiffusionProcessingTxt2Img.cached_hr_uc):
+        cache[0] = cache[1] = None
 
 
 def make_script_class(adapter: A1111Adapter) -> type:

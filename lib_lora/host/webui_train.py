@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from lib_lora.errors import ConfigError
 from lib_lora.train.config import TrainConfig
-from lib_lora.train.events import Listener
+from lib_lora.train.events import Listener, ProgressEvent
 from lib_lora.train.loop import TrainResult
 from lib_lora.train.metadata import ModelFacts
 from lib_lora.train.runs import RunManager, RunView
@@ -28,10 +28,13 @@ from lib_lora.train.session import SampleFn
 class TrainingAdapter(Protocol):
     """What `WebUITraining` needs from a web-UI adapter."""
 
-    def exclusive_model(self) -> contextlib.AbstractContextManager: ...
+    def exclusive_model(self) -> contextlib.AbstractContextManager[str]:
+        """Hold the model for a run; yields a note for the run's log about what was taken off the model."""
 
     def train_loaded(self, cfg: TrainConfig, listeners: Sequence[Listener],
                      should_stop: Callable[[], bool]) -> TrainResult: ...
+
+    def interrupt_requested(self) -> bool: ...
 
     def train_defaults(self) -> dict[str, Any]: ...
 
@@ -65,7 +68,8 @@ def view_json(view: RunView | None) -> dict | None:
             "total_steps": view.total_steps, "epoch": view.epoch, "loss": view.losses[-1][1] if view.losses else None,
             "output_name": view.output_name, "output_dir": view.output_dir, "result_file": view.result_file,
             "state_dir": view.state_dir, "resumable": view.resumable, "report": view.report, "error": view.error,
-            "seed": view.seed, "saves": list(view.saves), "samples": list(view.samples), "log": list(view.log[-40:])}
+            "seed": view.seed, "saves": list(view.saves), "samples": list(view.samples), "log": list(view.log[-40:]),
+            "peak_memory_mb": view.peak_memory_mb}
 
 
 class WebUITraining:
@@ -77,6 +81,7 @@ class WebUITraining:
         self._lock = threading.Lock()
         self._busy = threading.Event()
         self._owner: int | None = None  # the thread of the run holding the model
+        self._interrupt_noted = False
 
     def runs(self) -> RunManager:
         with self._lock:
@@ -89,13 +94,28 @@ class WebUITraining:
         # Busy first, then wait for the model: a generation that starts meanwhile is refused, the one in
         # progress finishes before the run touches the model.
         self._owner = threading.get_ident()
+        self._interrupt_noted = False
         self._busy.set()
         try:
-            with self.adapter.exclusive_model():
-                return self.adapter.train_loaded(cfg, listeners, should_stop)
+            with self.adapter.exclusive_model() as note:
+                if note:
+                    for listen in listeners:
+                        listen(ProgressEvent("warning", message=note))
+                return self.adapter.train_loaded(cfg, listeners, lambda: should_stop() or self._interrupted(listeners))
         finally:
             self._busy.clear()
             self._owner = None
+
+    def _interrupted(self, listeners: Sequence[Listener]) -> bool:
+        """The web UI's own Interrupt button stops the run too (said once in the run's log)."""
+        if not self.adapter.interrupt_requested():
+            return False
+        if not self._interrupt_noted:
+            self._interrupt_noted = True
+            note = ProgressEvent("warning", message="the web UI's Interrupt was pressed: stopping after this step")
+            for listen in listeners:
+                listen(note)
+        return True
 
     def blocks_generation(self) -> str:
         """Why a generation must not run now ("" when it may): a run holds the model. The run's own sample images
