@@ -120,15 +120,21 @@ class ForgeAdapter(A1111Adapter):
 
     # ------------------------------------------------------------------------------------ training
 
-    def remove_lora_patches(self) -> None:
+    def remove_lora_patches(self) -> str:
         """Forge's own loader puts back the weights it merged (from its backup) and forgets the merged set, so the
-        next generation with a LoRA merges afresh."""
+        next generation with a LoRA merges afresh. Returns what was done, for the run's log ("" when nothing was)."""
         from lib_lora.host.forge_train import restore_original_weights
 
         model = self.sd_model()
-        if model is not None:
-            restore_original_weights(model)
         self._windows = None
+        if model is None:
+            return ""
+        names = [net.name for net in builtin_networks().loaded_networks]
+        restored = restore_original_weights(model)
+        if not restored:
+            return ""
+        return (f"Forge's LoRA weights ({', '.join(names) or 'last used'}) were taken off {restored} weights of the "
+                "model before training")
 
     def train_loaded(self, cfg, listeners, should_stop):
         """Train `cfg` through our modules over the weights Forge has loaded (`forge_train`): its own U-Net

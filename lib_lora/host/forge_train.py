@@ -61,14 +61,17 @@ def _components(engine: Any) -> dict[str, nn.Module]:
             "clip_l": encoders["clip_l"]}
 
 
-def restore_original_weights(engine: Any) -> None:
+def restore_original_weights(engine: Any) -> int:
     """Undo the LoRA merges of the last generation with Forge's own loader (it restores its backup and forgets
-    the merged set, so the next generation merges what it needs again)."""
+    the merged set, so the next generation merges what it needs again); returns how many weights it restored."""
     objects = engine.forge_objects
+    restored = 0
     for model in (objects.unet.model, objects.clip.patcher.model):
         loader = getattr(model, "lora_loader", None)
         if loader is not None and loader.backup:
+            restored += len(loader.backup)
             loader.refresh({})
+    return restored
 
 
 def loaded_tensors(engine: Any) -> dict[str, Tensor]:

@@ -17,13 +17,19 @@ ONES = ",".join(["1"] * 26)
 ZEROS = ",".join(["0"] * 17)
 
 
+# Forge's text encoder turns the LoHa fixture at full strength into NaN (a black image; our engine draws it, and at
+# 0.5 both agree), so the LoHa checks run at 0.5: the ones/zeros comparisons must be between real images.
+STRENGTH = {"lora": 1, "loha": 0.5, "lokr": 1}
+
+
 @pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
 def test_block_weights_ones_and_zeros(txt2img, algo):
     none, _ = txt2img()
-    plain, _ = txt2img(f"<lora:f_{algo}:1>")
-    assert diff(plain, none) > 1.0
-    assert np.array_equal(txt2img(f"<lora:f_{algo}:1:lbw={ONES}>")[0], plain)
-    assert np.array_equal(txt2img(f"<lora:f_{algo}:1:lbw={ZEROS}>")[0], none)
+    weight = STRENGTH[algo]
+    plain, _ = txt2img(f"<lora:f_{algo}:{weight}>")
+    assert diff(plain, none) > 1.0 and plain.std() > 10, "the fixture must change the image (and not to NaN)"
+    assert np.array_equal(txt2img(f"<lora:f_{algo}:{weight}:lbw={ONES}>")[0], plain)
+    assert np.array_equal(txt2img(f"<lora:f_{algo}:{weight}:lbw={ZEROS}>")[0], none)
     assert np.array_equal(txt2img()[0], none)  # the next plain generation is back to the model's own weights
 
 

@@ -75,6 +75,7 @@ def test_a_run_trains_the_loaded_model_and_gives_it_back(forge, txt2img, dataset
     run = wait_for(forge, run["id"], lambda r: r["status"] == "finished", "finished", memory=memory)
     seconds = time.monotonic() - started
     assert run["step"] == 20 and Path(run["result_file"]) == forge.lora_dir / "new.safetensors"
+    assert any("f_lora" in line and "taken off" in line for line in run["log"]), run["log"]
     assert "new" in {item["name"] for item in forge.get("/sdapi/v1/loras")}  # listed without a refresh or restart
 
     after, _ = txt2img()
@@ -88,7 +89,8 @@ def test_a_run_trains_the_loaded_model_and_gives_it_back(forge, txt2img, dataset
     ours = cli_generate(forge.lora_dir, f"{dataset.prompt} <lora:new:1>", tmp_path)  # ... as our engine applies it
     assert diff(trained, ours) < 1.0 and np.abs(trained.astype(int) - ours.astype(int)).max() <= 8
     figures = {"rss_before_mb": round(before_mb), "rss_peak_during_run_mb": round(max(memory, default=0)),
-               "extra_mb": round(max(memory, default=0) - before_mb), "run_seconds": round(seconds, 1),
+               "extra_mb": round(max(memory, default=0) - before_mb), "run_peak_memory_mb": run.get("peak_memory_mb"),
+               "run_seconds": round(seconds, 1),
                "diff_trained_untrained": diff(trained, untrained)}
     artifact("forge_training_memory.json").write_text(json.dumps({"figures": figures, "run": run}, indent=1))
 
