@@ -130,6 +130,12 @@ class ForgeAdapter(A1111Adapter):
         if model is None:
             return ""
         names = [net.name for net in builtin_networks().loaded_networks]
+        # Onto Forge's compute device first (a no-op where it keeps them there): the run trains where the weights
+        # are. Loading re-merges the patcher's LoRA set, so the merges are undone after it.
+        from backend import memory_management
+
+        objects = model.forge_objects
+        memory_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])
         restored = restore_original_weights(model)
         if not restored:
             return ""

@@ -52,7 +52,7 @@ def _components(engine: Any) -> dict[str, nn.Module]:
     if objects is None:
         raise ConfigError("model", type(engine).__name__, "Forge has not loaded a model yet: generate one image "
                                                           "first (Forge loads its model at the first generation)")
-    encoders = getattr(objects.clip.cond_stage_model, "__dict__", {}).get("_modules", {})
+    encoders = dict(objects.clip.cond_stage_model.named_children())  # SD1: clip_l; SD2: clip_h; SDXL: + clip_g
     if set(encoders) != {"clip_l"}:
         raise ConfigError("model", sorted(encoders), "training inside Forge supports SD1.x models (one CLIP-L "
                                                      "text encoder) so far; train other models standalone or from "
