@@ -143,7 +143,7 @@ class A1111Adapter:
     def before_process(self, p: Any) -> None:
         """No generation while a training run holds the model (it would draw with the half-trained network and race
         the optimizer): the job stops at once with the reason."""
-        reason = self._training.blocks_generation() if self._training is not None else ""
+        reason = self.generation_refused()
         if not reason:
             return
         print(f"LoRA Studio: {reason}", file=sys.stderr)
@@ -153,6 +153,10 @@ class A1111Adapter:
         # `stopping_generation`, not `interrupt()`: the web UI's Interrupt button sets `interrupted`, which is how
         # the user stops the training run itself.
         shared.state.stopping_generation = True
+
+    def generation_refused(self) -> str:
+        """Why this thread may not generate now ("" when it may): a training run holds the model."""
+        return self._training.blocks_generation() if self._training is not None else ""
 
     def process(self, p: Any) -> None:
         """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`), and

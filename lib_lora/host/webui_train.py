@@ -178,7 +178,10 @@ class WebUITraining:
         if not isinstance(body, dict):
             raise ConfigError("body", type(body).__name__, "must be a JSON object")
         if body.get("resume_run") is not None:
-            return {"run": view_json(self.runs().resume(int(body["resume_run"])))}
+            run_id = body["resume_run"]
+            if not isinstance(run_id, int) or isinstance(run_id, bool):
+                raise ConfigError("resume_run", run_id, "must be the id of a stopped run (an integer)")
+            return {"run": view_json(self.runs().resume(run_id))}
         return {"run": view_json(self.runs().submit(self.config(body.get("options"))))}
 
     def status(self, run_id: int | None = None) -> dict:
