@@ -83,6 +83,8 @@ def test_bad_bodies_are_refused_before_anything_is_queued(training):
         training.start({"options": "max_train_steps=5"})
     with pytest.raises(ConfigError, match="body"):
         training.start(["options"])
+    with pytest.raises(ConfigError, match="resume_run"):
+        training.start({"resume_run": "last"})
     with pytest.raises(ConfigError, match="learning_rate"):
         training.start({"options": {"learning_rate": "fast"}})
     assert training.runs().runs() == [] and training.stop() == {"run": None}

@@ -143,7 +143,7 @@ class A1111Adapter:
     def before_process(self, p: Any) -> None:
         """No generation while a training run holds the model (it would draw with the half-trained network and race
         the optimizer): the job stops at once with the reason."""
-        reason = self._training.blocks_generation() if self._training is not None else ""
+        reason = self.generation_refused()
         if not reason:
             return
         print(f"LoRA Studio: {reason}", file=sys.stderr)
@@ -153,6 +153,10 @@ class A1111Adapter:
         # `stopping_generation`, not `interrupt()`: the web UI's Interrupt button sets `interrupted`, which is how
         # the user stops the training run itself.
         shared.state.stopping_generation = True
+
+    def generation_refused(self) -> str:
+        """Why this thread may not generate now ("" when it may): a training run holds the model."""
+        return self._training.blocks_generation() if self._training is not None else ""
 
     def process(self, p: Any) -> None:
         """Before the batches: prompts in the built-in LoRA's spelling (a positional preset becomes `lbw=`), and
@@ -351,8 +355,12 @@ class A1111Adapter:
         return Path(paths_internal.data_path) / "lora-studio"
 
     def refresh_loras(self) -> None:
-        """Rescan the LoRA folder for the web UI's list (its Lora tab, /sdapi/v1/loras) and for our tabs."""
-        builtin_networks().list_available_networks()
+        """Rescan the LoRA folder for the web UI's list (its Lora tab, /sdapi/v1/loras) and for our tabs; under the
+        web UI's queue lock, since a generation reads that list while it runs."""
+        from modules import call_queue
+
+        with call_queue.queue_lock:
+            builtin_networks().list_available_networks()
         self.host().lora_library().refresh()
 
     # ------------------------------------------------------------------------------------ training
@@ -422,37 +430,20 @@ class A1111Adapter:
                          self.sample_fn(folder, cfg.output.output_name, cfg.sampling.sample_sampler))
 
     def model_facts(self):
-        from lib_lora.train.metadata import ModelFacts
+        from lib_lora.host.webui_train import checkpoint_facts
 
-        model, info = self.sd_model(), self.model_info()
-        checkpoint = model.sd_checkpoint_info
-        return ModelFacts(info.arch, getattr(model, "parameterization", "eps") == "v", Path(checkpoint.filename).name,
-                          legacy_hash=getattr(checkpoint, "hash", "") or "",
-                          sha256=getattr(checkpoint, "sha256", "") or "", resolution=info.resolution)
+        return checkpoint_facts(self.sd_model(), self.model_info())
 
     def sample_fn(self, folder: Path, output_name: str, default_sampler: str):
-        """Sample images through the web UI's txt2img while the network is attached (hooked) to its model."""
-        from lib_lora.sd.pipeline import GenerationParams, save_png
-        from lib_lora.train.sample_prompts import map_sampler
+        """Sample images through the web UI's txt2img while the network is attached (hooked) to its model; the
+        cond caches are emptied first, since the text encoder changes from step to step."""
+        from lib_lora.host.webui_train import webui_sampler
 
-        def sample(prompts, step: int, epoch: int) -> list[Path]:
-            folder.mkdir(parents=True, exist_ok=True)
-            paths = []
-            for i, sp in enumerate(prompts):
-                params = GenerationParams(prompt=sp.prompt, negative_prompt=sp.negative_prompt,
-                                          sampler=sp.sampler or map_sampler(default_sampler), steps=sp.steps,
-                                          cfg_scale=sp.cfg_scale, seed=sp.seed if sp.seed is not None else 1000 + i,
-                                          width=sp.width or 0, height=sp.height or 0)
-                forget_conditioning()  # the text encoder changes from step to step
-                result = self.txt2img(params, save=False)
-                if not result.images:  # interrupted: the run stops after this step
-                    break
-                path = folder / f"{output_name}_{step:06d}_{i:02d}_{result.seeds[0]}.png"
-                save_png(result.images[0], path, result.infotexts[0])
-                paths.append(path)
-            return paths
+        def generate(params):
+            forget_conditioning()
+            return self.txt2img(params, save=False)
 
-        return sample
+        return webui_sampler(generate, folder, output_name, default_sampler)
 
     def status(self) -> dict:
         model = self.sd_model()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lib_lora import blocks
-from lib_lora.errors import ConfigError, FileFormatError
+from lib_lora.errors import ConfigError, FileFormatError, LibLoraError
 from lib_lora.host.base import HostResult, ModelInfo, ProgressFn, StopFn
 from lib_lora.lora_library import LoraLibrary
 from lib_lora.sd.pipeline import GenerationParams
@@ -56,6 +56,9 @@ class WebUIHost:
         """txt2img through the web UI's own processing (its samplers, its LoRA, our block hook), saved where
         the web UI saves txt2img images."""
         params.validate()
+        refused = self.adapter.generation_refused()
+        if refused:
+            raise LibLoraError(refused)
         if self.model_info() is None:
             raise FileFormatError("model", self.model_error())
         return self.adapter.txt2img(params)

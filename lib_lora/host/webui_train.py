@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lib_lora.errors import ConfigError
+from lib_lora.host.base import HostResult, ModelInfo
+from lib_lora.sd.pipeline import GenerationParams
 from lib_lora.train.config import TrainConfig
 from lib_lora.train.events import Listener, ProgressEvent
 from lib_lora.train.loop import TrainResult
@@ -58,6 +60,40 @@ def train_ldm(model: Any, cfg: TrainConfig, facts: ModelFacts, listeners: Sequen
         return loop.run(s)
     finally:
         family.close()
+
+
+def checkpoint_facts(model: Any, info: ModelInfo) -> ModelFacts:
+    """What the run's metadata says of the web UI's loaded checkpoint (`sd_checkpoint_info`: file name, the web UI's
+    legacy hash, its sha256 when the web UI has computed it)."""
+    checkpoint = model.sd_checkpoint_info
+    return ModelFacts(info.arch, getattr(model, "parameterization", "eps") == "v", Path(checkpoint.filename).name,
+                      legacy_hash=getattr(checkpoint, "hash", "") or "",
+                      sha256=getattr(checkpoint, "sha256", "") or "", resolution=info.resolution)
+
+
+def webui_sampler(generate: Callable[[GenerationParams], HostResult], folder: Path, output_name: str,
+                  default_sampler: str) -> SampleFn:
+    """A run's sample images drawn by the web UI's own txt2img (`generate`), saved as the standalone run saves them."""
+    from lib_lora.sd.pipeline import save_png
+    from lib_lora.train.sample_prompts import map_sampler
+
+    def sample(prompts, step: int, epoch: int) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, sp in enumerate(prompts):
+            params = GenerationParams(prompt=sp.prompt, negative_prompt=sp.negative_prompt,
+                                      sampler=sp.sampler or map_sampler(default_sampler), steps=sp.steps,
+                                      cfg_scale=sp.cfg_scale, seed=sp.seed if sp.seed is not None else 1000 + i,
+                                      width=sp.width or 0, height=sp.height or 0)
+            result = generate(params)
+            if not result.images:  # the web UI's Interrupt: the run stops after this step
+                break
+            path = folder / f"{output_name}_{step:06d}_{i:02d}_{result.seeds[0]}.png"
+            save_png(result.images[0], path, result.infotexts[0])
+            paths.append(path)
+        return paths
+
+    return sample
 
 
 def view_json(view: RunView | None) -> dict | None:
@@ -142,7 +178,10 @@ class WebUITraining:
         if not isinstance(body, dict):
             raise ConfigError("body", type(body).__name__, "must be a JSON object")
         if body.get("resume_run") is not None:
-            return {"run": view_json(self.runs().resume(int(body["resume_run"])))}
+            run_id = body["resume_run"]
+            if not isinstance(run_id, int) or isinstance(run_id, bool):
+                raise ConfigError("resume_run", run_id, "must be the id of a stopped run (an integer)")
+            return {"run": view_json(self.runs().resume(run_id))}
         return {"run": view_json(self.runs().submit(self.config(body.get("options"))))}
 
     def status(self, run_id: int | None = None) -> dict:
