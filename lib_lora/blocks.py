@@ -59,6 +59,22 @@ def block_of(name: str, arch: Arch) -> str:
     loc = parse_compvis(path, layout) if arch is Arch.SDXL else parse_diffusers(path, layout)
     if loc is None:
         raise BlockWeightError(f"{name!r}: no {arch.label} U-Net block holds this module")
+    return _block_of_loc(loc, layout)
+
+
+def block_of_compvis(path: str, arch: Arch) -> str:
+    """Block id of a U-Net module by its compvis/SGM path, as the web UI's own model names it.
+
+    Example: block_of_compvis("input_blocks.4.1.proj_in", Arch.SD1) == "IN04"
+    """
+    layout = layout_for(arch)
+    loc = parse_compvis(path, layout)
+    if loc is None:
+        raise BlockWeightError(f"U-Net module {path!r}: no {arch.label} U-Net block holds this module")
+    return _block_of_loc(loc, layout)
+
+
+def _block_of_loc(loc, layout) -> str:
     if loc.group == "input":
         return f"IN{loc.index:02d}"
     if loc.group == "output":
@@ -103,28 +119,35 @@ def builtin_presets(arch: Arch) -> dict[str, str]:
     return dict(_SDXL_PRESETS if arch is Arch.SDXL else _SD_PRESETS)
 
 
-def parse_presets_file(text: str, source: str = "presets") -> dict[str, str]:
+def parse_presets_file(text: str, source: str = "presets", lenient: bool = False) -> dict[str, str]:
     """User presets, one `NAME:w1,w2,...` per line; blank lines and lines starting with '#' are skipped.
 
+    lenient: read as the lora-block-weight extension reads its own `lbwpresets.txt`: a line without ':', with a
+    '#', or whose list is not 12/17/20/26 values (e.g. its 61-value Flux presets) is skipped, not an error.
+
     Raises:
-        BlockWeightError: naming the file and line of a malformed preset.
+        BlockWeightError: naming the file and line of a malformed preset (not with lenient).
     """
     presets = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith("#") or (lenient and "#" in line):
             continue
         name, sep, values = line.partition(":")
         if not sep or not name.strip():
+            if lenient:
+                continue
             raise BlockWeightError(f"{source}, line {number}: expected NAME:w1,w2,... but got {raw!r}")
+        if lenient and values.count(",") + 1 not in BLOCK_LISTS:
+            continue
         parse_weight_list(values, f"{source}, line {number} ({name.strip()})")
         presets[name.strip()] = values.strip()
     return presets
 
 
-def load_presets_file(path: str | os.PathLike) -> dict[str, str]:
+def load_presets_file(path: str | os.PathLike, lenient: bool = False) -> dict[str, str]:
     with open(path, encoding="utf-8-sig") as f:
-        return parse_presets_file(f.read(), str(path))
+        return parse_presets_file(f.read(), str(path), lenient)
 
 
 # --------------------------------------------------------------------------------------- weights
@@ -228,6 +251,14 @@ def resolve(spec: str, arch: Arch, user_presets: Mapping[str, str] | None = None
 def weights_by_module(names: Iterable[str], arch: Arch, weights: BlockWeights) -> dict[str, float]:
     """Block weight of every module name (each module gets exactly one weight)."""
     return {name: weights[block_of(name, arch)] for name in names}
+
+
+def shortest_length(weights: BlockWeights, arch: Arch) -> int:
+    """The shortest list length of `arch` that writes these weights exactly (ids outside the list are 0)."""
+    for n in ((12, 20) if arch is Arch.SDXL else (17, 26)):
+        if all(weights[b] == 0 for b in arch_block_ids(arch) if b not in BLOCK_LISTS[n]):
+            return n
+    return len(arch_block_ids(arch))
 
 
 def format_weights(weights: BlockWeights, arch: Arch, length: int | None = None) -> str:

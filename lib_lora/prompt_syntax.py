@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lib_lora.errors import PromptSyntaxError
+from lib_lora.errors import ConfigError, PromptSyntaxError
 
 TAG = re.compile(r"<(\w+):([^>]+)>")
 NETWORK_TYPES = ("lora", "lyco")
@@ -143,3 +143,95 @@ def resolve_step(value: float | None, total_steps: int) -> int | None:
     if 0 < value < 1:
         return int(round(value * total_steps))
     return int(value)
+
+
+def step_window(call: LoraCall, total_steps: int) -> tuple[int, int | None]:
+    """(first step with the U-Net part on, first step with it off again or None) for `start=`/`stop=`.
+
+    Raises:
+        ConfigError: a negative step, or a stop not after the start (the U-Net part would never be on).
+    """
+    start = resolve_step(call.start, total_steps) or 0
+    stop = resolve_step(call.stop, total_steps)
+    if start < 0 or (stop is not None and stop < 0):
+        raise ConfigError("start/stop", (call.start, call.stop), f"{call.tag}: steps cannot be negative")
+    if stop is not None and stop <= start:
+        raise ConfigError("start/stop", (call.start, call.stop),
+                          f"{call.tag}: stop must come after start (the U-Net part would never be on)")
+    return start, stop
+
+
+def _split_items(body: str) -> tuple[list[str], list[tuple[str, str]]]:
+    positional, named = [], []
+    for item in body.split(":"):
+        key, sep, value = item.partition("=")
+        if sep:
+            named.append((key.strip(), value.strip()))
+        else:
+            positional.append(item.strip())
+    return positional, named
+
+
+def _join_items(positional: list[str], named: list[tuple[str, str]]) -> str:
+    return ":".join([*positional, *(f"{k}={v}" for k, v in named)])
+
+
+def for_webui(prompt: str) -> str:
+    """The prompt with every LoRA tag in the spelling the web UI's built-in LoRA reads: a block-weight preset or
+    list given as the third positional item (`<lora:name:1:OUTS>`) becomes `lbw=` (the built-in would take it
+    for a U-Net strength and fail). Everything else is left as typed."""
+
+    def fix(match: re.Match) -> str:
+        kind, body = match.group(1), match.group(2)
+        if kind not in NETWORK_TYPES:
+            return match.group(0)
+        positional, named = _split_items(body)
+        if len(positional) <= 2 or _is_number(positional[2]):
+            return match.group(0)
+        named.insert(0, ("lbw", positional.pop(2)))
+        return f"<{kind}:{_join_items(positional, named)}>"
+
+    return TAG.sub(fix, prompt)
+
+
+def has_lora_tag(prompt: str) -> bool:
+    return any(m.group(1) in NETWORK_TYPES for m in TAG.finditer(prompt))
+
+
+def set_first_tag(prompt: str, *, name: str | None = None, **options: str) -> str:
+    """The prompt with its first LoRA tag changed: another file (`name`) and/or named options set (`te="0.5"`,
+    `unet=...`, `lbw=...`). Setting te or unet spells both out (`te=..:unet=..`), so changing one never
+    changes the other through the web UI's "unet defaults to te" rule. A prompt without a LoRA tag gets
+    `<lora:name:1>` appended when `name` is given.
+
+    Raises:
+        PromptSyntaxError: an unknown option; options without `name` for a prompt that has no LoRA tag.
+    """
+    unknown = [k for k in options if k not in NAMED_KEYS]
+    if unknown:
+        raise PromptSyntaxError(f"unknown LoRA tag options {unknown}; known: {', '.join(NAMED_KEYS)}")
+    for match in TAG.finditer(prompt):
+        if match.group(1) not in NETWORK_TYPES:
+            continue
+        positional, named = _split_items(match.group(2))
+        if len(positional) > 2 and not _is_number(positional[2]):
+            named.insert(0, ("lbw", positional.pop(2)))
+        if name is not None:
+            positional[0] = name
+        if "te" in options or "unet" in options:
+            values = dict(named)
+            te = values.get("te", positional[1] if len(positional) > 1 else "1")
+            unet = values.get("unet", positional[2] if len(positional) > 2 else te)
+            if len(positional) > 3:
+                named.append(("dyn", positional[3]))
+            positional = positional[:1]
+            options = {"te": te, "unet": unet, **options}
+        for key, value in options.items():
+            named = [(k, v) for k, v in named if k != key and not (key == "lbw" and k == "w")] + [(key, value)]
+        tag = f"<{match.group(1)}:{_join_items(positional, named)}>"
+        return prompt[:match.start()] + tag + prompt[match.end():]
+    if name is None:
+        raise PromptSyntaxError(f"the prompt has no <lora:...> tag to set {', '.join(options)} on; "
+                                "add one, or plot a LoRA file axis too")
+    extra = "".join(f":{k}={v}" for k, v in options.items())
+    return f"{prompt} <lora:{name}:1{extra}>".strip()

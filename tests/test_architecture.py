@@ -34,3 +34,25 @@ def test_modules_stay_small():
     big = [f"{p.relative_to(ROOT)}: {n}" for p in ROOT.rglob("*.py")
            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500]
     assert not big, "modules over 500 lines (split by responsibility): " + ", ".join(big)
+
+
+WEBUI_ONLY = ("modules", "modules_forge", "backend", "networks", "network", "extra_networks_lora")
+ADAPTERS = ("host/a1111.py", "host/forge.py")
+
+
+def test_only_the_adapters_import_the_web_ui():
+    """The web UI's own packages (and its built-in LoRA's modules) are imported by a1111.py / forge.py only; the
+    extension's scripts/ import nothing but lib_lora."""
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ADAPTERS:
+            continue
+        for name in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if name.split(".")[0] in WEBUI_ONLY:
+                offenders.append(f"{rel}: import {name}")
+    for path in (ROOT.parent / "scripts").glob("*.py"):
+        names = set(_imports(ast.parse(path.read_text(encoding="utf-8"))))
+        offenders += [f"scripts/{path.name}: import {n}" for n in names if n.split(".")[0] not in ("lib_lora",
+                                                                                                 "__future__")]
+    assert not offenders, "\n".join(offenders)

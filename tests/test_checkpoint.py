@@ -144,7 +144,7 @@ def test_sd1_yaml_for_the_web_ui_and_ldm_unet(tmp_path):
     from ldm.util import instantiate_from_config
 
     model = ldm_ready_sd1()
-    saved = save_checkpoint(model, tmp_path / "tiny.safetensors", dtype=torch.float32)
+    saved = save_checkpoint(model, tmp_path / "tiny.safetensors", dtype=torch.float32, text_encoder_ref="absolute")
     yaml_text = Path(saved.yaml_path).read_text()
     config = yaml.safe_load(yaml_text)
     params = config["model"]["params"]

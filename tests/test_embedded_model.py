@@ -138,3 +138,51 @@ def test_export_for_the_web_ui_loads_in_ldm_modules(model, tmp_path, capsys):
     for key, value in model.unet.state_dict().items():
         assert torch.equal(again.unet.state_dict()[key], value), key
     assert main(["export-model", "--out", str(out)]) == 1  # exists: refused without --force
+
+
+def test_export_is_reproducible_readable_and_movable(tmp_path):
+    """The defects a web UI met: two exports differed in bytes (so in the checkpoint hash), the yaml and the
+    text encoder's config were 0600, the metadata's VAE scale was diffusers' default, and the yaml named the
+    text-encoder folder by absolute path, so the files stopped loading once copied as the model card says."""
+    import json
+    import os
+    import shutil
+
+    import yaml
+
+    from lib_lora.cli import main
+    from lib_lora.sd.checkpoint import load_checkpoint
+
+    first, second = tmp_path / "a" / "tiny-sd1.safetensors", tmp_path / "b" / "tiny-sd1.safetensors"
+    assert main(["export-model", "--out", str(first)]) == 0
+    assert main(["export-model", "--out", str(second)]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    mask = os.umask(0)
+    os.umask(mask)
+    written = [first, first.with_suffix(".yaml"), *first.with_name("tiny-sd1.text_encoder").iterdir()]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    params = yaml.safe_load(first.with_suffix(".yaml").read_text())["model"]["params"]
+    assert params["cond_stage_config"]["params"]["version"] == "models/Stable-diffusion/tiny-sd1.text_encoder"
+    config = json.loads(load_file(first).metadata["lora_studio.sd_config"])
+    assert config["vae"]["scaling_factor"] == pytest.approx(params["scale_factor"]) == pytest.approx(0.63534)
+    # the model card's layout: the three files copied into a web UI's models/Stable-diffusion, originals gone
+    webui = tmp_path / "webui"
+    target = webui / "models" / "Stable-diffusion"
+    target.mkdir(parents=True)
+    for path in (first, first.with_suffix(".yaml"), first.with_name("tiny-sd1.text_encoder")):
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, target / path.name)
+    shutil.rmtree(tmp_path / "a")
+    from transformers import CLIPTokenizer
+
+    cwd = os.getcwd()
+    os.chdir(webui)  # the web UI runs from its own folder; the yaml's version is relative to it
+    try:
+        assert CLIPTokenizer.from_pretrained(params["cond_stage_config"]["params"]["version"])("a").input_ids[0] \
+            == 49406
+    finally:
+        os.chdir(cwd)
+    assert load_checkpoint(target / "tiny-sd1.safetensors").resolution == 64  # our loader from anywhere
+    assert main(["export-model", "--out", str(tmp_path / "c.safetensors"), "--text-encoder-ref", "absolute"]) == 0
+    version = yaml.safe_load((tmp_path / "c.yaml").read_text())["model"]["params"]["cond_stage_config"]["params"]
+    assert version["version"] == str((tmp_path / "c.text_encoder").resolve())

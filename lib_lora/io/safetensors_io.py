@@ -170,7 +170,8 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise FileFormatError(path, "not a PyTorch checkpoint (neither a torch zip archive nor a pickle)"
                               + (f": it looks like {other}" if other else f"; it starts with bytes {head[:4].hex()}"))
     try:
-        obj = torch.load(path, map_location=device, weights_only=True)
+        # not `torch.load`, which A1111 replaces with a checker that returns None for files of newer torch
+        obj = torch.serialization.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load's refusal comes in several exception types
         if "weights only" not in str(exc).lower() and "unsupported global" not in str(exc).lower():
             raise FileFormatError(path, f"damaged or truncated PyTorch file ({type(exc).__name__}: "
@@ -209,7 +210,9 @@ def save_file(
     os.close(fd)
     try:
         st_save_file(prepared, tmp, metadata=meta or None)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; others (the web UI) must read ours
+        if meta:
+            _sort_metadata(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; others (the web UI) must read ours
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -220,6 +223,29 @@ def save_file(
             raise
         raise WriteError(str(path), describe_os_error(exc)) from exc
     _fsync_dir(path.parent)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place.
+
+    safetensors serialises the metadata from a hash map, so its key order varies between processes and two
+    saves of the same tensors differ in bytes (and in the web UI's checkpoint hash). The sorted header has the
+    same length, so the tensor data stays where it is.
+    """
+    with open(path, "rb+") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size:  # another escaping than safetensors' own; never seen, but never corrupt the file
+            raise OSError(f"{path}: the sorted safetensors header does not fit ({len(text)} > {size} bytes)")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
+def default_file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file (0666 minus the umask)."""
+    return 0o666 & ~_umask()
 
 
 def temp_prefix(target: Path) -> str:

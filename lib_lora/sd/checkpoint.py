@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +58,8 @@ from lib_lora.unet_layout import UNetLayout, convert_state_dict, diffusers_to_co
 
 __all__ = [
     "ComponentTensors", "IgnoredKeys", "LoadReport", "LoadedCheckpoint", "SavedCheckpoint", "config_of", "detect_arch",
-    "guess_v_prediction", "ldm_state_dict", "load_checkpoint", "load_tokenizers", "read_checkpoint",
+    "guess_v_prediction", "ldm_state_dict", "load_checkpoint", "load_tokenizers", "model_from_tensors",
+    "read_checkpoint",
     "save_checkpoint", "split_components",
 ]
 
@@ -136,19 +137,38 @@ def read_checkpoint(path: str | os.PathLike, *, arch: Arch | str | None = None, 
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise ConfigError("prediction_type", prediction_type, f"must be one of {PREDICTION_TYPES}")
     file = load_state_dict(path)
+    yaml_path = Path(path).with_suffix(".yaml")
+    return model_from_tensors(file.tensors, path, metadata=file.metadata, arch=arch, prediction_type=prediction_type,
+                              device=device, dtype=dtype, tokenizer_dir=tokenizer_dir,
+                              yaml_path=yaml_path if yaml_path.is_file() else None,
+                              short_hash=sha256_file(path)[:10] if compute_hash else "")
+
+
+def model_from_tensors(tensors: dict[str, torch.Tensor], path: str, *, metadata: Mapping[str, str] | None = None,
+                       arch: Arch | str | None = None, prediction_type: str | None = None,
+                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       tokenizer_dir: str | os.PathLike | None = None, yaml_path: Path | None = None,
+                       short_hash: str = "", name: str = "") -> LoadedCheckpoint:
+    """An `SDModel` from a checkpoint's tensors by their file (LDM) names, as `read_checkpoint` builds it.
+
+    The modules take the tensors themselves (renamed, reshaped as views; cast only where `dtype` differs), so
+    tensors that share memory with another model's weights keep sharing it. `tensors` is emptied.
+    path: how errors and the model name the source.
+    """
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise ConfigError("prediction_type", prediction_type, f"must be one of {PREDICTION_TYPES}")
     try:
-        found = detect_arch(file.tensors)
+        found = detect_arch(tensors)
     except KeyMapError as exc:
         raise FileFormatError(path, str(exc)) from None
     wanted = _arch(arch)
     if wanted is not None and wanted is not found:
         raise FileFormatError(path, f"expected an {wanted.label} checkpoint, but its keys are {found.label}'s")
-    parts = split_components(file.tensors, found, path)  # empties file.tensors: no second copy stays alive
+    parts = split_components(tensors, found, path)  # empties tensors: no second reference stays alive
     _cast(parts, dtype or torch.float32)
-    yaml_path = Path(path).with_suffix(".yaml")
-    ldm_yaml = read_ldm_yaml(yaml_path) if yaml_path.is_file() else None
+    ldm_yaml = read_ldm_yaml(yaml_path) if yaml_path is not None else None
     try:
-        resolved = resolve_config(found, parts, file.metadata, ldm_yaml, prediction_type)
+        resolved = resolve_config(found, parts, metadata or {}, ldm_yaml, prediction_type)
         unet, vae, text_encoders = _build(resolved, parts, path)
     except (ConfigError, KeyMapError) as exc:
         raise FileFormatError(path, f"cannot build the model: {exc}") from None
@@ -162,8 +182,7 @@ def read_checkpoint(path: str | os.PathLike, *, arch: Arch | str | None = None, 
         arch=found, unet=unet, text_encoders=text_encoders, tokenizers=load_tokenizers(found, tokenizer_dir), vae=vae,
         prediction_type=config.prediction_type, resolution=config.resolution,
         schedule=ldm_yaml.schedule if ldm_yaml and ldm_yaml.schedule else NoiseSchedule(),
-        name=Path(path).stem, path=path, short_hash=sha256_file(path)[:10] if compute_hash else "",
-        vae_scale_factor=config.vae_scale_factor,
+        name=name or Path(path).stem, path=path, short_hash=short_hash, vae_scale_factor=config.vae_scale_factor,
     )
     if torch.device(device) != torch.device("cpu"):
         for module in model.modules():  # not SDModel.to: diffusers warns when `dtype=None` is passed

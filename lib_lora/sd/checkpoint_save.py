@@ -22,6 +22,7 @@ import torch
 
 from lib_lora.errors import ConfigError, KeyMapError
 from lib_lora.io import save_file
+from lib_lora.io.safetensors_io import default_file_mode
 from lib_lora.sd import ldm_keys
 from lib_lora.sd.components import (
     DEFAULT_TOKENIZER_DIR,
@@ -38,6 +39,8 @@ from lib_lora.types import Arch
 from lib_lora.unet_layout import convert_state_dict
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TEXT_ENCODER_REFS = ("webui", "absolute")
+WEBUI_CHECKPOINT_DIR = "models/Stable-diffusion"  # relative to the web UI's folder, its working directory
 MODELSPEC_ARCH = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2-512",
                   Arch.SDXL: "stable-diffusion-xl-v1-base"}
 
@@ -52,8 +55,15 @@ class SavedCheckpoint:
 
 
 def save_checkpoint(model: SDModel, path: str | os.PathLike, *, dtype: torch.dtype = torch.float16,
-                    write_yaml: bool = True, tokenizer_dir: str | os.PathLike | None = None) -> SavedCheckpoint:
+                    write_yaml: bool = True, tokenizer_dir: str | os.PathLike | None = None,
+                    text_encoder_ref: str = "webui") -> SavedCheckpoint:
     """Save `model` as `<path>` (LDM/SGM single file, atomic) and, with write_yaml, `<stem>.yaml` beside it.
+
+    The file is byte-reproducible (metadata in a fixed order), so the web UI's checkpoint hash of the same
+    weights never changes. `text_encoder_ref` says how the yaml names the text-encoder folder (where one is
+    needed): "webui" as `models/Stable-diffusion/<stem>.text_encoder`, relative to the web UI's folder (its
+    working directory), so the three files load once copied there, wherever they were written; "absolute" as
+    the absolute path of the folder written here (for a web UI started with --ckpt-dir or --data-dir).
 
     Raises:
         ConfigError: path not `.safetensors`; modules that are not diffusers/transformers ones; with
@@ -62,12 +72,14 @@ def save_checkpoint(model: SDModel, path: str | os.PathLike, *, dtype: torch.dty
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError("path", str(path), "a checkpoint is saved as .safetensors")
+    if text_encoder_ref not in TEXT_ENCODER_REFS:
+        raise ConfigError("text_encoder_ref", text_encoder_ref, f"must be one of {TEXT_ENCODER_REFS}")
     config = config_of(model)
     yaml_path, te_dir, yaml_text = path.with_suffix(".yaml"), None, None
     if write_yaml:
         if needs_text_encoder_dir(config):
             te_dir = path.with_name(path.stem + ".text_encoder").resolve()
-        yaml_text = render_ldm_yaml(config, str(te_dir) if te_dir else None)
+        yaml_text = render_ldm_yaml(config, _text_encoder_ref(te_dir, text_encoder_ref) if te_dir else None)
     elif yaml_path.exists():
         warnings.warn(f"{yaml_path} was not written by this save but will be read with {path.name} "
                       "(by the web UI and by load_checkpoint); remove it if it describes another model", stacklevel=2)
@@ -80,6 +92,13 @@ def save_checkpoint(model: SDModel, path: str | os.PathLike, *, dtype: torch.dty
     return SavedCheckpoint(str(path), str(yaml_path), str(te_dir) if te_dir else None)
 
 
+def _text_encoder_ref(folder: Path, how: str) -> str:
+    # transformers resolves a relative `version` against the working directory, which is the web UI's own
+    # folder: the model card's "copy the three files into models/Stable-diffusion" then works wherever they
+    # were exported, and moving the export folder breaks nothing.
+    return str(folder) if how == "absolute" else f"{WEBUI_CHECKPOINT_DIR}/{folder.name}"
+
+
 def config_of(model: SDModel) -> SDConfig:
     """The `SDConfig` of loaded diffusers/transformers modules."""
     for name, module in (("unet", model.unet), ("vae", model.vae)):
@@ -88,8 +107,11 @@ def config_of(model: SDModel) -> SDConfig:
     for index, te in enumerate(model.text_encoders):
         if not hasattr(getattr(te, "config", None), "hidden_size"):
             raise ConfigError(f"model.text_encoders[{index}]", type(te).__name__, "expected a transformers CLIP model")
+    # The VAE config's own scaling_factor is diffusers' default unless the loader set it; the model's factor is
+    # the one its latents use (and the yaml's scale_factor), so the metadata records that one.
+    vae = {**_plain(model.vae.config), "scaling_factor": float(model.vae_scale_factor)}
     return SDConfig(
-        arch=model.arch, unet=_plain(model.unet.config), vae=_plain(model.vae.config),
+        arch=model.arch, unet=_plain(model.unet.config), vae=vae,
         text_encoders=tuple({f: getattr(te.config, f) for f in TE_CONFIG_FIELDS if hasattr(te.config, f)}
                             for te in model.text_encoders),
         prediction_type=model.prediction_type, resolution=model.resolution, vae_scale_factor=model.vae_scale_factor,
@@ -187,6 +209,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; a web UI running as another user reads these
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -31,8 +31,8 @@ from lib_lora.types import Arch
 
 TEMPLATES = {Arch.SD1: "ldm-sd1.yaml", Arch.SD2: "ldm-sd2.yaml", Arch.SDXL: "sgm-sdxl.yaml"}
 HEADER = ("# Written by LoRA Studio for the web UI (keep it beside the checkpoint, same name, .yaml).\n"
-          "# A `version` path below names the text encoder's config folder written beside it:\n"
-          "# fix it if you move them.\n")
+          "# A `version` path below names the text encoder's config folder written beside it; a relative one is\n"
+          "# relative to the web UI's folder (its working directory).\n")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from lib_lora.keys import ModelTargets
 from lib_lora.lora_library import LoraEntry, LoraLibrary
 from lib_lora.networks import LoadedNetwork
 from lib_lora.patching import Application, ApplyReport, WeightPatcher
-from lib_lora.prompt_syntax import LoraCall, parse_prompt, resolve_step
+from lib_lora.prompt_syntax import LoraCall, parse_prompt, step_window
 from lib_lora.sd.model import SDModel
 from lib_lora.sd.pipeline import GenerationParams, GenerationResult, format_infotext, generate
 from lib_lora.types import Arch, Component
@@ -91,17 +91,6 @@ def _check_arch(entry: LoraEntry, call: LoraCall, arch: Arch) -> None:
         )
 
 
-def _window(call: LoraCall, steps: int) -> tuple[int, int | None]:
-    start = resolve_step(call.start, steps) or 0
-    stop = resolve_step(call.stop, steps)
-    if start < 0 or (stop is not None and stop < 0):
-        raise ConfigError("start/stop", (call.start, call.stop), f"{call.tag}: steps cannot be negative")
-    if stop is not None and stop <= start:
-        raise ConfigError("start/stop", (call.start, call.stop),
-                          f"{call.tag}: stop must come after start (the U-Net part would never be on)")
-    return start, stop
-
-
 def plan_loras(prompt: str, arch: Arch, library: LoraLibrary, steps: int,
                user_presets: Mapping[str, str] | None = None) -> LoraPlan:
     """Parse and resolve every LoRA tag of `prompt` for a model of `arch`; nothing is applied.
@@ -119,7 +108,7 @@ def plan_loras(prompt: str, arch: Arch, library: LoraLibrary, steps: int,
         entry = library.find(call.name)
         _check_arch(entry, call, arch)
         weights = blocks.resolve(call.lbw, arch, user_presets, x=call.x) if call.lbw else None
-        start, stop = _window(call, steps)
+        start, stop = step_window(call, steps)
         planned.append(PlannedLora(call, entry, library.load(entry, arch), weights, start, stop))
     return LoraPlan(parsed.text, tuple(planned))
 

@@ -149,6 +149,8 @@ def load_state(folder: Path, expected_shapes: dict[str, list[int]]) -> LoadedSta
         raise ConfigError("resume", str(folder), "the state belongs to another network shape (" +
                           ", ".join(detail) + "); check network_dim, conv_dim, algo and the base model")
     network = load_file(folder / "network.safetensors").tensors
-    optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    scheduler = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
+    # torch.serialization.load, not torch.load: A1111 replaces `torch.load` with a checker that rejects the zip
+    # entries newer torch writes and returns None; weights_only already refuses anything but tensors and containers.
+    optimizer = torch.serialization.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    scheduler = torch.serialization.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
     return LoadedState(state, network, optimizer, scheduler)
