@@ -1,6 +1,6 @@
 """`lib_lora.host.webui_train` with a stand-in adapter (the real A1111 run is in tests/host/a1111/): a run holds the
 model (generation from other threads is refused with the run's step, the run's own thread may sample), the
-adapter's note lands in the run's log, the web UI's Interrupt stops it, and bad API bodies are refused before
+adapter's note lands in the run's log, the host's progress report follows the run, the web UI's Interrupt stops it, and bad API bodies are refused before
 anything is queued."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lib_lora.errors import ConfigError
-from lib_lora.host.webui_train import WebUITraining
+from lib_lora.host.webui_train import WebUITraining, progress_text
 from lib_lora.train.events import ProgressEvent
 from lib_lora.train.loop import TrainResult
 
@@ -23,6 +23,7 @@ class StandIn:
         self.tmp, self.interrupt = tmp, False
         self.stepping, self.release = threading.Event(), threading.Event()
         self.seen_from_run: list[str] = []
+        self.progress: list[str | None] = []  # what the host's progress report was told
         self.training: WebUITraining | None = None
 
     @contextlib.contextmanager
@@ -31,6 +32,14 @@ class StandIn:
 
     def interrupt_requested(self) -> bool:
         return self.interrupt
+
+    @contextlib.contextmanager
+    def host_progress(self):
+        self.progress.append("begin")
+        try:
+            yield lambda event: self.progress.append(progress_text(event))
+        finally:
+            self.progress.append("end")
 
     def train_loaded(self, cfg, listeners, should_stop) -> TrainResult:
         self.seen_from_run.append(self.training.blocks_generation())
@@ -76,6 +85,9 @@ def test_a_run_holds_the_model_and_the_interrupt_stops_it(training, tmp_path):
     log = "\n".join(view.log)
     assert "merged LoRA weights taken off" in log and "Interrupt was pressed" in log
     assert training.status(started["id"])["run"]["status"] == "stopped"
+    # the host's progress report followed the run from its first step to its end
+    assert adapter.progress[0] == "begin" and adapter.progress[-1] == "end"
+    assert "LoRA Studio training: step 1/100, epoch 0" in adapter.progress
 
 
 def test_bad_bodies_are_refused_before_anything_is_queued(training):

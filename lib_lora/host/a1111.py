@@ -415,6 +415,31 @@ class A1111Adapter:
         return (f"the web UI's LoRA weights ({', '.join(names) or 'last used'}) were taken off {restored} layers of "
                 "the model before training")
 
+    @contextlib.contextmanager
+    def host_progress(self):
+        """The run in the web UI's progress report (`shared.state`, /sdapi/v1/progress): job, step of steps, the
+        ETA from the run's start and a line with the loss. A sample image's txt2img starts and ends its own job in
+        between; the next step puts the run's figures back."""
+        from lib_lora.host.webui_train import progress_text
+
+        state = shared.state
+        state.begin(job=TRAIN_JOB)
+        started = state.time_start
+
+        def listen(event) -> None:
+            text = progress_text(event)
+            if text is None:
+                return
+            state.job, state.job_count, state.job_no, state.time_start = TRAIN_JOB, 1, 0, started
+            state.sampling_steps, state.sampling_step = max(event.total_steps, 1), event.step
+            state.textinfo = text
+
+        try:
+            yield listen
+        finally:
+            state.textinfo = None
+            state.end()
+
     def interrupt_requested(self) -> bool:
         """The web UI's Interrupt button (or /sdapi/v1/interrupt) was pressed."""
         return bool(shared.state.interrupted)
@@ -451,6 +476,9 @@ class A1111Adapter:
         return {"host": self.host_name, "pid": os.getpid(), "arch": self.arch().value if model is not None else None,
                 "checkpoint": getattr(info, "name", None), "lora_dir": str(self.lora_dir()),
                 "output_dir": str(self.output_dir())}
+
+
+TRAIN_JOB = "LoRA Studio training"
 
 
 def forget_conditioning() -> None:

@@ -112,6 +112,7 @@ def train_on_engine(engine: Any, cfg: TrainConfig, facts: ModelFacts, listeners:
     model = trainable_model(engine, name=name, path=path, short_hash=short_hash)
     with vae_options(cfg, model):
         family = DiffusersFamily(model)
+        family.can_park = False  # views of Forge's weights: `.to()` would copy them apart from Forge's model
         try:
             out_dir = Path(cfg.output.output_dir) if cfg.output.output_dir else Path("output")
             sample_fn = pipeline_sampler(model, out_dir / "sample", cfg.sampling.sample_sampler,

@@ -38,6 +38,9 @@ class TrainingAdapter(Protocol):
 
     def interrupt_requested(self) -> bool: ...
 
+    def host_progress(self) -> contextlib.AbstractContextManager[Listener]:
+        """The host's own progress report (A1111's `shared.state`) for the run's length; yields its listener."""
+
     def train_defaults(self) -> dict[str, Any]: ...
 
     def refresh_loras(self) -> None: ...
@@ -96,6 +99,17 @@ def webui_sampler(generate: Callable[[GenerationParams], HostResult], folder: Pa
     return sample
 
 
+def progress_text(event: ProgressEvent) -> str | None:
+    """One line for a host's progress report ("LoRA Studio training: step 12/400, loss 0.1234"); None for events
+    that do not move the progress."""
+    if event.kind == "cache":
+        return f"LoRA Studio training: caching, {event.message}"
+    if event.kind in ("start", "step", "epoch", "sample", "validation"):
+        loss = f", loss {event.smoothed:.4f}" if event.smoothed is not None else ""
+        return f"LoRA Studio training: step {event.step}/{event.total_steps}, epoch {event.epoch}{loss}"
+    return None
+
+
 def view_json(view: RunView | None) -> dict | None:
     """A run as the API answers it."""
     if view is None:
@@ -133,7 +147,8 @@ class WebUITraining:
         self._interrupt_noted = False
         self._busy.set()
         try:
-            with self.adapter.exclusive_model() as note:
+            with self.adapter.exclusive_model() as note, self.adapter.host_progress() as host_listener:
+                listeners = [*listeners, host_listener]
                 if note:
                     for listen in listeners:
                         listen(ProgressEvent("warning", message=note))

@@ -1,8 +1,8 @@
 """Bake LoRAs into a single-file checkpoint (SD1/SD2/SDXL), tensor by tensor.
 
 The checkpoint is streamed: each tensor is read, merged if LoRAs target it, cast to the output dtype and
-written before the next is read, so the merge holds one tensor of the model at a time (plus the LoRAs) instead
-of the model twice. The math is WeightPatcher's, call for call: the weight in float32, each LoRA of the stack
+written, so the merge holds a few tensors of the model at a time (plus the LoRAs) instead of the model twice;
+the next tensor is read and the last one hashed and written by worker threads while this one is merged. The math is WeightPatcher's, call for call: the weight in float32, each LoRA of the stack
 applied in order with `NetworkModule.merged` at its strength (te/unet, lbw block weights), fused q/k/v row
 blocks each on its own rows, the bias changed where an algorithm carries one, cast back to the tensor's dtype
 (or the one asked for). A float32 merge therefore equals what WeightPatcher writes into the loaded model, bit
@@ -168,9 +168,8 @@ def merge_into_model(request: MergeModelRequest, progress: Progress | None = Non
     order = reader.names()
     entries = [Entry(k, _out_dtype(reader.dtype(k), wanted), shapes[k]) for k in order]
     ticker = Ticker(len(order), progress, should_stop)
-    with reader, StreamWriter(out, entries, _metadata(reader, request, plan, out)) as writer:
-        for entry in entries:
-            tensor = reader.read(entry.name)
+    with reader, StreamWriter(out, entries, _metadata(reader, request, plan, out), background=True) as writer:
+        for entry, (_, tensor) in zip(entries, reader.stream(order)):
             if tensor.dtype in _FLOATS and not all_finite(tensor):
                 raise NonFiniteError(model, entry.name)
             changed = entry.name in plan.weights or entry.name in plan.biases

@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,17 @@ class TensorReader:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
+    def stream(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for each name, the next one read by a worker thread while the caller works on this one
+        (file reads release the GIL): reading overlaps the caller's arithmetic, one tensor ahead at most."""
+        names = list(names)
+        with ThreadPoolExecutor(1, thread_name_prefix="tensor-read") as pool:
+            ahead = pool.submit(self.read, names[0]) if names else None
+            for i, name in enumerate(names):
+                tensor = ahead.result()
+                ahead = pool.submit(self.read, names[i + 1]) if i + 1 < len(names) else None
+                yield name, tensor
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -121,10 +133,15 @@ class StreamWriter:
     The file appears at `path` only when the block ends without an error and every entry was written.
     """
 
-    def __init__(self, path: str | os.PathLike, entries: list[Entry], metadata: Mapping[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike, entries: list[Entry], metadata: Mapping[str, str] | None = None,
+                 *, background: bool = False):
         self.path = Path(path)
         self.entries = entries
         self._index = 0
+        # background: each tensor is hashed and written by a worker thread while the caller makes the next one
+        # (hashing and os.write release the GIL); one write in flight at most, its error raised at the next call
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tensor-write") if background else None
+        self._pending: Future | None = None
         self._hash = hashlib.sha256()
         meta = {k: v for k, v in (metadata or {}).items() if k != HASH_KEY}
         meta[HASH_KEY] = _HASH_SLOT
@@ -159,6 +176,14 @@ class StreamWriter:
             raise RuntimeError(f"StreamWriter: {name} is {tensor.dtype} {tuple(tensor.shape)}, declared "
                                f"{entry.dtype} {entry.shape}")
         data = _bytes_of(tensor)
+        self._index += 1
+        if self._pool is None:
+            self._put(data)
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._put, data)
+
+    def _put(self, data: memoryview) -> None:
         self._hash.update(data)
         try:
             _write_all(self._fd, data)
@@ -167,9 +192,22 @@ class StreamWriter:
                 raise
             # one line naming the output; the temporary is removed when the `with` block ends
             raise WriteError(str(self.path), describe_os_error(exc)) from exc
-        self._index += 1
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._wait()
+        except BaseException:
+            if exc_type is None:
+                self._discard()
+                raise
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         if exc_type is not None:
             self._discard()
             return

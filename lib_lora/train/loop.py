@@ -23,6 +23,7 @@ from lib_lora.train import checkpoint
 from lib_lora.train.events import ProgressEvent
 from lib_lora.train.guard import Verdict
 from lib_lora.train.metadata import build_metadata
+from lib_lora.train.parking import parking_for
 from lib_lora.train.session import Session
 from lib_lora.train.step import batch_loss, step_seed, validation_loss
 
@@ -103,10 +104,12 @@ def run(s: Session) -> TrainResult:
     s.network.attach()
     s.network.train()
     s.family.set_gradient_checkpointing(cfg.run.gradient_checkpointing)
+    s.parking = parking_for(s.family, cfg.data.caches_latents, cfg.data.caches_text_encoder_outputs)
     s.guard.take(s.step, s.network.state_dict(), s.optimizer.optimizer.state_dict(), trusted=True)
     _emit_start(s)
     status, micro, losses, seen = "finished", 0, [], []
     try:
+        s.parking.park()
         if cfg.sampling.sample_at_first and s.step == 0:
             _sample(s)
         while s.step < s.total_steps and status == "finished":
@@ -137,6 +140,7 @@ def run(s: Session) -> TrainResult:
     except KeyboardInterrupt:
         status = "stopped"
     finally:
+        s.parking.unpark()
         s.network.detach()
         s.family.set_gradient_checkpointing(False)
     return _finish(s, status)
@@ -240,7 +244,7 @@ def _eval_mode(s: Session):
 
 
 def _validate(s: Session) -> None:
-    with _eval_mode(s), torch.no_grad():
+    with _eval_mode(s), torch.no_grad(), s.parking.unparked():
         value = s.dist.average(validation_loss(s))
     s.emit(ProgressEvent("validation", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch,
                          val_loss=value))
@@ -249,7 +253,7 @@ def _validate(s: Session) -> None:
 def _sample(s: Session, epoch: int | None = None) -> None:
     if not (s.prompts and s.sample_fn and s.dist.is_main):
         return
-    with _eval_mode(s), torch.no_grad():
+    with _eval_mode(s), torch.no_grad(), s.parking.unparked():
         paths = s.sample_fn(s.prompts, s.step, epoch if epoch is not None else s.sampler.epoch)
     s.emit(ProgressEvent("sample", step=s.step, total_steps=s.total_steps, paths=tuple(str(p) for p in paths)))
 
@@ -360,6 +364,8 @@ def _emit_start(s: Session) -> None:
 
     counts = ", ".join(f"{k} {v}" for k, v in summarize(s.network).items())
     notes = list(s.cfg.notes) + list(s.dataset.warnings) + list(s.optimizer.notes) + device_notes(s)
+    if s.parking is not None and s.parking.describe():
+        notes.append(s.parking.describe())
     config = json.dumps(dataclasses.asdict(s.cfg), default=str, indent=1)
     s.emit(ProgressEvent("start", step=s.step, total_steps=s.total_steps, epoch=s.sampler.epoch,
                          message=f"training {counts} modules ({s.cfg.network.algo}) on {s.dataset.num_train_images} "

@@ -29,6 +29,7 @@ from lib_lora.train.guard import DivergenceGuard
 from lib_lora.train.metadata import ModelFacts
 from lib_lora.train.network import TrainableNetwork, load_initial_weights
 from lib_lora.train.optimizers import BuiltOptimizer, build_optimizer
+from lib_lora.train.parking import Parking
 from lib_lora.train.sample_prompts import SamplePrompt, load_prompts, prompts_from_text
 from lib_lora.train.schedulers import ScheduledLR, build_scheduler
 
@@ -63,6 +64,7 @@ class Session:
     step: int = 0
     epoch: int = 1
     saves: checkpoint.SaveRegistry = field(default_factory=checkpoint.SaveRegistry)
+    parking: Parking | None = None  # set by the loop: the VAE / text encoders off the device between steps
 
     @property
     def network_trains_text_encoder(self) -> bool:

@@ -66,13 +66,16 @@ def test_quantile_beyond_torch_limit(monkeypatch):
     assert torch.allclose(linalg.quantile(values, 0.99), expected)
 
 
-def test_stream_writer_output_is_safetensors_with_its_hash(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_stream_writer_output_is_safetensors_with_its_hash(tmp_path, background):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.tensor(True),
-               "d": torch.zeros(0, 4, dtype=torch.float16), "e": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+               "d": torch.zeros(0, 4, dtype=torch.float16), "e": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+               "f": torch.randn(300, 700)}
     path = tmp_path / "x.safetensors"
-    with StreamWriter(path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {"k": "v"}) as w:
+    with StreamWriter(path, [Entry(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {"k": "v"},
+                      background=background) as w:
         for k, v in tensors.items():
-            w.write(k, v)
+            w.write(k, v.clone())  # the caller's tensor goes out of scope while the worker may still write it
     loaded = load_file(path)
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     meta = read_metadata(path)
@@ -80,6 +83,26 @@ def test_stream_writer_output_is_safetensors_with_its_hash(tmp_path):
     with TensorReader(path) as reader:
         assert all(torch.equal(reader.read(k), v) for k, v in tensors.items())
         assert reader.names() == list(tensors)
+        streamed = list(reader.stream(reader.names()))
+        assert [k for k, _ in streamed] == list(tensors)
+        assert all(torch.equal(v, tensors[k]) for k, v in streamed)
+        assert list(reader.stream([])) == []
+
+
+def test_all_finite_finds_one_bad_element_in_every_float_dtype():
+    from lib_lora.networks.base import all_finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for n in (1, 33, 4097):
+            assert all_finite(torch.randn(n).to(dtype))
+            for where in (0, n // 2, n - 1):
+                for bad in (math.nan, math.inf, -math.inf):
+                    t = torch.randn(n).to(dtype)
+                    t[where] = bad
+                    assert not all_finite(t) and not all_finite(t.reshape(1, -1)[:, ::1])
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+    huge = torch.full((10,), 60000.0, dtype=torch.float16)  # finite, though its float16 sum overflows
+    assert all_finite(huge)
 
 
 def test_stream_writer_refuses_what_it_did_not_declare(tmp_path):

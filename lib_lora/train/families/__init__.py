@@ -47,6 +47,7 @@ class ModelFamily(Protocol):
     arch: Arch
     prediction_type: str
     alphas_cumprod: Tensor
+    can_park: bool  # the VAE / text encoders may leave the device between steps (`lib_lora.train.parking`)
 
     @property
     def device(self) -> torch.device: ...
@@ -83,6 +84,9 @@ class ModelFamily(Protocol):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in backward (U-Net blocks and text-encoder layers); LoRA grads still flow."""
+
+    def parts(self, part: str) -> list[nn.Module]:
+        """The modules of one part: 'vae', 'text' (the text encoders) or 'model' (everything)."""
 
     def identity(self, part: str = "model") -> str:
         """Stable id for caches: 'vae' (latents), 'text' (text-encoder weights) or 'model' (everything)."""
@@ -189,6 +193,7 @@ class FamilyBase:
     arch: Arch
     prediction_type: str
     alphas_cumprod: Tensor
+    can_park = True
 
     def __init__(self) -> None:
         self._checkpointed = _Checkpointed()
@@ -235,6 +240,10 @@ class FamilyBase:
             cond.extra["time_ids"] = sdxl_time_ids(batch.original_sizes_hw, batch.crop_top_lefts,
                                                    batch.target_sizes_hw).to(self.device)
         return cond
+
+    def parts(self, part: str) -> list[nn.Module]:
+        """The modules of one part: 'vae', 'text' (the text encoders) or 'model' (everything)."""
+        return list(self._identity_modules(part))
 
     def identity(self, part: str = "model") -> str:
         if part not in IDENTITY_PARTS:

@@ -7,7 +7,7 @@ and through the extension's API route (`/lora-studio/v1/train`):
   with the other LoRA, are bit-identical to those before training;
 - while a run trains, the host's txt2img is refused with a message; a run stopped half-way leaves a resumable
   state (its resumption continues from the step it stopped at) and an intact model; the host's own Interrupt
-  stops a run too."""
+  stops a run too, and the host's progress report (/sdapi/v1/progress) follows the run while it lasts."""
 from __future__ import annotations
 
 import json
@@ -114,7 +114,12 @@ def test_a_run_stopped_half_way_is_resumable_and_the_model_intact(a1111, txt2img
     plain, _ = baseline
     options = {**OPTIONS, "train_data_dir": str(dataset.folder), "output_name": "halfway", "max_train_steps": 2000}
     run = a1111.post("/lora-studio/v1/train", {"options": options})["run"]
-    wait_for(a1111, run["id"], lambda r: r["step"] >= 3, "past step 3")
+    at = wait_for(a1111, run["id"], lambda r: r["step"] >= 3, "past step 3")
+    progress = a1111.get("/sdapi/v1/progress?skip_current_image=true")  # the host's own progress report
+    assert progress["state"]["job"] == "LoRA Studio training", progress
+    assert progress["state"]["sampling_steps"] == 2000 and progress["state"]["sampling_step"] >= at["step"]
+    assert 0 < progress["progress"] < 0.5 and progress["eta_relative"] > 0
+    assert progress["textinfo"].startswith("LoRA Studio training: step ")
 
     refused = txt2img.raw()
     assert refused["images"] == []
@@ -124,6 +129,7 @@ def test_a_run_stopped_half_way_is_resumable_and_the_model_intact(a1111, txt2img
     stopped = wait_for(a1111, run["id"], lambda r: r["status"] == "stopped", "stopped", timeout=300)
     assert stopped["resumable"] and Path(stopped["state_dir"], STATE_FILE).is_file()
     assert 3 <= stopped["step"] < 2000
+    assert a1111.get("/sdapi/v1/progress")["state"]["job"] != "LoRA Studio training"
     after, _ = txt2img()
     assert np.array_equal(after, plain)
 
