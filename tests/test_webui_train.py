@@ -1,7 +1,7 @@
 """`lib_lora.host.webui_train` with a stand-in adapter (the real A1111 run is in tests/host/a1111/): a run holds the
 model (generation from other threads is refused with the run's step, the run's own thread may sample), the
-adapter's note lands in the run's log, the host's progress report follows the run, the web UI's Interrupt stops it, and bad API bodies are refused before
-anything is queued."""
+adapter's note lands in the run's log, the host's progress report follows the run, the web UI's Interrupt stops
+it, and bad API bodies are refused before anything is queued."""
 from __future__ import annotations
 
 import contextlib

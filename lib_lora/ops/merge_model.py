@@ -2,13 +2,14 @@
 
 The checkpoint is streamed: each tensor is read, merged if LoRAs target it, cast to the output dtype and
 written, so the merge holds a few tensors of the model at a time (plus the LoRAs) instead of the model twice;
-the next tensor is read and the last one hashed and written by worker threads while this one is merged. The math is WeightPatcher's, call for call: the weight in float32, each LoRA of the stack
-applied in order with `NetworkModule.merged` at its strength (te/unet, lbw block weights), fused q/k/v row
-blocks each on its own rows, the bias changed where an algorithm carries one, cast back to the tensor's dtype
-(or the one asked for). A float32 merge therefore equals what WeightPatcher writes into the loaded model, bit
-for bit. Everything that can be checked is checked before the output is opened (architecture, module names,
-shapes, NaN in the LoRAs); the checkpoint's own tensors are checked as they stream, and any error or cancel
-leaves no output file.
+the next tensor is read and the last one hashed and written by worker threads while this one is merged.
+
+The math is WeightPatcher's, call for call: the weight in float32, each LoRA of the stack applied in order with
+`NetworkModule.merged` at its strength (te/unet, lbw block weights), fused q/k/v row blocks each on its own rows,
+the bias changed where an algorithm carries one, cast back to the tensor's dtype (or the one asked for). A
+float32 merge therefore equals what WeightPatcher writes into the loaded model, bit for bit. Everything that can
+be checked is checked before the output is opened (architecture, module names, shapes, NaN in the LoRAs); the
+checkpoint's own tensors are checked as they stream, and any error or cancel leaves no output file.
 """
 from __future__ import annotations
 
