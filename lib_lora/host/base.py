@@ -56,6 +56,8 @@ class Host(Protocol):
     """What the UI may ask of its host. Methods raise `LibLoraError` subclasses for bad input; the UI shows
     the message and the host stays usable, its model unchanged."""
 
+    lora_list_hint: str  # where a user finds a new LoRA file in this host's UI ("the Generate tab's LoRA browser")
+
     def model_info(self) -> ModelInfo | None:
         """The loaded model, or None when none could be loaded (see `model_error`)."""
 

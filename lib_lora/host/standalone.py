@@ -86,6 +86,8 @@ class StandaloneHost:
         device/dtype: default `pick_device()`.
     """
 
+    lora_list_hint = "the Generate tab's LoRA browser (Refresh)"
+
     def __init__(self, *, model: SDModel | None = None, lora_dir: str | Path = DEFAULT_LORA_DIR,
                  outputs_dir: str | Path = DEFAULT_OUTPUTS_DIR, presets_file: str | Path | None = None,
                  settings_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,

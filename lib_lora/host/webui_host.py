@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 class WebUIHost:
     """`Host` over the web UI's loaded model, LoRA folder, generation and outputs."""
 
+    lora_list_hint = "the web UI's Lora tab (it is listed already)"
+
     def __init__(self, adapter: Any):
         self.adapter = adapter
         self._library: LoraLibrary | None = None
