@@ -110,6 +110,8 @@ class ScriptedTrainer:
 class FakeHost:
     """Records requests; its model is whatever arch the test says."""
 
+    lora_list_hint = "the Generate tab's LoRA browser (Refresh)"
+
     def __init__(self, arch: Arch, lora_dir: Path, outputs: Path, trainer: ScriptedTrainer | None = None):
         self.arch, self.requests, self.stopped = arch, [], False
         self.library, self.outputs = LoraLibrary(lora_dir), Path(outputs)

@@ -279,7 +279,7 @@ class TrainTab:
                 info = self.host.lora_info(Path(view.result_file).stem)
                 lines.append(f"**{html.escape(Path(view.result_file).name)}**: {html.escape(info.algorithm)}, rank "
                              f"{info.rank}, {html.escape(info.arch)}, short hash `{info.short_hash}`; in "
-                             f"{html.escape(getattr(self.host, 'lora_list_hint', 'the LoRA folder'))} as "
+                             f"{html.escape(self.host.lora_list_hint, quote=False)} as "
                              f"`<lora:{html.escape(Path(view.result_file).stem)}:1>`")
             except LibLoraError:
                 lines.append(f"file: `{html.escape(view.result_file)}` (outside the LoRA folder)")

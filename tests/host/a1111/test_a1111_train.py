@@ -79,7 +79,7 @@ def test_the_tab_is_in_the_page_and_trains(a1111, dataset):
         page.locator("#lora_studio_train_status").get_by_text("queued").wait_for(timeout=60_000)
         wait_progress(page, "p.status === 'finished' && p.step === 6", timeout=RUN_TIMEOUT * 1000)
         page.locator("#lora_studio_train_result").get_by_text("<lora:fromtab:1>").wait_for(timeout=60_000)
-        assert "the web UI's Lora tab" in page.locator("#lora_studio_train_result").inner_text()
+        assert "the web UI's Lora tab" in page.locator("#lora_studio_train_result").first.inner_text()
         screenshot(page, "a1111_training_done.png")
     assert shot.stat().st_size > 10_000
     assert "fromtab" in {item["name"] for item in a1111.get("/sdapi/v1/loras")}
