@@ -170,18 +170,21 @@ def merge_into_model(request: MergeModelRequest, progress: Progress | None = Non
     entries = [Entry(k, _out_dtype(reader.dtype(k), wanted), shapes[k]) for k in order]
     ticker = Ticker(len(order), progress, should_stop)
     with reader, StreamWriter(out, entries, _metadata(reader, request, plan, out), background=True) as writer:
-        for entry, (_, tensor) in zip(entries, reader.stream(order)):
-            if tensor.dtype in _FLOATS and not all_finite(tensor):
-                raise NonFiniteError(model, entry.name)
+        for entry, (_, source) in zip(entries, reader.stream(order)):
             changed = entry.name in plan.weights or entry.name in plan.biases
+            if not changed and source.dtype in _FLOATS and not all_finite(source):
+                raise NonFiniteError(model, entry.name)
+            tensor = source
             if entry.name in plan.weights:
-                tensor = _merge_weight(tensor, plan.weights[entry.name], device)
+                tensor = _merge_weight(source, plan.weights[entry.name], device)
             elif entry.name in plan.biases:
-                value = tensor.to(device=device, dtype=torch.float32)
+                tensor = source.to(device=device, dtype=torch.float32)
                 for e in plan.biases[entry.name]:
-                    value = e.module.merged_bias(value, e.strength)
-                tensor = value
+                    tensor = e.module.merged_bias(tensor, e.strength)
+            # a merged tensor is checked once, after merging (NaN in the source shows there too; then it is named)
             if changed and not fits_dtype(tensor, entry.dtype):
+                if not all_finite(source):
+                    raise NonFiniteError(model, entry.name)
                 raise NonFiniteError(model, entry.name, f"after merging into {entry.dtype} (a strength too large?)")
             writer.write(entry.name, tensor.to("cpu", entry.dtype))
             ticker.step(entry.name)
