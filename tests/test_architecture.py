@@ -37,12 +37,12 @@ def test_modules_stay_small():
 
 
 WEBUI_ONLY = ("modules", "modules_forge", "backend", "networks", "network", "extra_networks_lora")
-ADAPTERS = ("host/a1111.py", "host/forge.py")
+ADAPTERS = ("host/a1111.py", "host/a1111_train.py", "host/forge.py")
 
 
 def test_only_the_adapters_import_the_web_ui():
-    """The web UI's own packages (and its built-in LoRA's modules) are imported by a1111.py / forge.py only; the
-    extension's scripts/ import nothing but lib_lora."""
+    """The web UI's own packages (and its built-in LoRA's modules) are imported by a1111.py, a1111_train.py and
+    forge.py only; the extension's scripts/ import nothing but lib_lora."""
     offenders = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT).as_posix()

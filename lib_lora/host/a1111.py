@@ -1,18 +1,19 @@
-"""The AUTOMATIC1111 web UI (1.10) adapter: with `forge.py`, the only module that imports the web UI (`modules.*`).
+"""The AUTOMATIC1111 web UI (1.10) adapter: with `a1111_train.py` and `forge.py`, the only modules that import the
+web UI (`modules.*`).
 
 `scripts/lora_studio.py` calls `register()`, which wires LoRA Studio into the running web UI:
 - per-block weights and U-Net step windows on the built-in LoRA (`<lora:name:1:lbw=OUTS:stop=10>`), recorded in
   the infotext (`webui_lbw`);
 - axes in the host's own X/Y/Z plot script (`webui_axes`);
 - a "LoRA Studio" section in Settings; API routes under /lora-studio/v1 (`webui_api`);
-- the tabs of `lib_lora.ui` mounted with `on_ui_tabs`, over `A1111Host` (the `Host` protocol on `shared.sd_model`).
+- the tabs of `lib_lora.ui` mounted with `on_ui_tabs`, over `A1111Host` (the `Host` protocol on `shared.sd_model`);
+- training on the loaded model (`a1111_train`, mixed into the adapter).
 
 Nothing runs at import time of this module; `register()` runs at the import of the extension's script, which is
 when the web UI expects callbacks to be registered.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from modules import script_callbacks, scripts, shared
 from lib_lora import blocks
 from lib_lora.errors import LibLoraError, PromptSyntaxError
 from lib_lora.host import webui_lbw
+from lib_lora.host.a1111_train import A1111Training, builtin_networks
 from lib_lora.host.webui_axes import PENDING
 from lib_lora.host.webui_lbw import A1111Hook, BlockRequest
 from lib_lora.types import Arch
@@ -32,21 +34,13 @@ SECTION = ("lora_studio", "LoRA Studio")
 LBW_PRESETS = Path("sd-webui-lora-block-weight") / "scripts" / "lbwpresets.txt"
 
 
-def builtin_networks() -> Any:
-    """The built-in LoRA extension's `networks` module (importable once its script has loaded)."""
-    module = sys.modules.get("networks")
-    if module is None:
-        import networks as module  # noqa: PLC0415 - on sys.path only inside the web UI
-    return module
-
-
 def model_arch(sd_model: Any) -> Arch:
     if getattr(sd_model, "is_sdxl", False):
         return Arch.SDXL
     return Arch.SD2 if getattr(sd_model, "is_sd2", False) else Arch.SD1
 
 
-class A1111Adapter:
+class A1111Adapter(A1111Training):
     """LoRA Studio inside A1111: one instance per web-UI process (made by `register`)."""
 
     host_name = "a1111"
@@ -363,133 +357,12 @@ class A1111Adapter:
             builtin_networks().list_available_networks()
         self.host().lora_library().refresh()
 
-    # ------------------------------------------------------------------------------------ training
-
-    def training(self):
-        """The training queue of this web-UI process (`webui_train.WebUITraining`)."""
-        if self._training is None:
-            from lib_lora.host.webui_train import WebUITraining
-
-            self._training = WebUITraining(self)
-        return self._training
-
-    def train_defaults(self) -> dict[str, Any]:
-        info = self.model_info()
-        return {"pretrained_model_name_or_path": info.source if info else "", "output_dir": str(self.output_dir()),
-                "resolution": str(info.resolution if info else 512)}
-
-    @contextlib.contextmanager
-    def exclusive_model(self):
-        """Wait for the generation in progress (the web UI's queue lock; later ones are refused by
-        `before_process`), then take the built-in LoRA's merged weights off the model."""
-        from modules import call_queue
-
-        with call_queue.queue_lock:
-            removed = self.remove_lora_patches()
-            forget_conditioning()
-            shared.state.interrupted = False  # from here on, the Interrupt button stops the run
-        try:
-            yield removed
-        finally:
-            forget_conditioning()
-
-    def remove_lora_patches(self) -> str:
-        """Put back the weights the built-in LoRA merged (from its own backups) and forget them, so the next
-        generation with a LoRA merges afresh. Returns what was done, for the run's log ("" when nothing was)."""
-        import torch
-
-        networks = builtin_networks()
-        names = [net.name for net in networks.loaded_networks]
-        restored = 0
-        with torch.no_grad():
-            for module in self.sd_model().modules():
-                if getattr(module, "network_weights_backup", None) is not None:
-                    networks.network_restore_weights_from_backup(module)
-                    restored += 1
-                if hasattr(module, "network_current_names"):
-                    networks.network_reset_cached_weight(module)
-        networks.loaded_networks.clear()
-        self._hook = None
-        if not restored:
-            return ""
-        return (f"the web UI's LoRA weights ({', '.join(names) or 'last used'}) were taken off {restored} layers of "
-                "the model before training")
-
-    @contextlib.contextmanager
-    def host_progress(self):
-        """The run in the web UI's progress report (`shared.state`, /sdapi/v1/progress): job, step of steps, the
-        ETA from the run's start and a line with the loss. A sample image's txt2img starts and ends its own job in
-        between; the next step puts the run's figures back."""
-        from lib_lora.host.webui_train import progress_text
-
-        state = shared.state
-        state.begin(job=TRAIN_JOB)
-        started = state.time_start
-
-        def listen(event) -> None:
-            text = progress_text(event)
-            if text is None:
-                return
-            state.job, state.job_count, state.job_no, state.time_start = TRAIN_JOB, 1, 0, started
-            state.sampling_steps, state.sampling_step = max(event.total_steps, 1), event.step
-            state.textinfo = text
-
-        try:
-            yield listen
-        finally:
-            state.textinfo = None
-            state.end()
-
-    def interrupt_requested(self) -> bool:
-        """The web UI's Interrupt button (or /sdapi/v1/interrupt) was pressed."""
-        return bool(shared.state.interrupted)
-
-    def train_loaded(self, cfg, listeners, should_stop):
-        """Train `cfg` on `shared.sd_model` in place, through the web UI's own modules and attention."""
-        from lib_lora.host.webui_train import train_ldm
-
-        if self.model_info() is None:
-            raise LibLoraError("the web UI has no model loaded yet: generate once or pick a checkpoint")
-        folder = Path(cfg.output.output_dir or self.output_dir()) / "sample"
-        return train_ldm(self.sd_model(), cfg, self.model_facts(), listeners, should_stop,
-                         self.sample_fn(folder, cfg.output.output_name, cfg.sampling.sample_sampler))
-
-    def model_facts(self):
-        from lib_lora.host.webui_train import checkpoint_facts
-
-        return checkpoint_facts(self.sd_model(), self.model_info())
-
-    def sample_fn(self, folder: Path, output_name: str, default_sampler: str):
-        """Sample images through the web UI's txt2img while the network is attached (hooked) to its model; the
-        cond caches are emptied first, since the text encoder changes from step to step."""
-        from lib_lora.host.webui_train import webui_sampler
-
-        def generate(params):
-            forget_conditioning()
-            return self.txt2img(params, save=False)
-
-        return webui_sampler(generate, folder, output_name, default_sampler)
-
     def status(self) -> dict:
         model = self.sd_model()
         info = getattr(model, "sd_checkpoint_info", None)
         return {"host": self.host_name, "pid": os.getpid(), "arch": self.arch().value if model is not None else None,
                 "checkpoint": getattr(info, "name", None), "lora_dir": str(self.lora_dir()),
                 "output_dir": str(self.output_dir())}
-
-
-TRAIN_JOB = "LoRA Studio training"
-
-
-def forget_conditioning() -> None:
-    """Empty the web UI's prompt-conditioning caches: their key (prompt, steps, checkpoint, LoRA tags) does not
-    see a text encoder that a run trains, so a cond from before or during a run would be reused after it."""
-    from modules import processing
-
-    for cache in (processing.StableDiffusionProcessing.cached_c, processing.StableDiffusionProcessing.cached_uc,
-                  processing.StableDiffusionProcessingTxt2Img.cached_hr_c,
-                  processing.StableDiffusionProcessingTxt2Img.cached_hr_uc):
-        cache[0] = cache[1] = None
 
 
 def make_script_class(adapter: A1111Adapter) -> type:

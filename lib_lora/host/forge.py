@@ -1,4 +1,5 @@
-"""The Forge web UI (2025, its own `backend/`) adapter: with `a1111.py`, the only module that imports the web UI.
+"""The Forge web UI (2025, its own `backend/`) adapter: with `a1111.py` and `a1111_train.py`, the only modules that
+import the web UI.
 
 Forge keeps A1111's extension API (scripts, callbacks, options, X/Y/Z plot, the API), so `ForgeAdapter` is the
 A1111 adapter with what Forge does differently:
