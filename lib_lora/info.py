@@ -118,7 +118,8 @@ def describe(path: str | os.PathLike, network: LoadedNetwork | None = None) -> N
     )
 
 
-def _fmt_span(value) -> str:
+def format_span(value) -> str:
+    """A rank/alpha figure of `NetworkInfo`: one number, '-' or 'min..max (mixed)'."""
     if value is None:
         return "-"
     if isinstance(value, dict):
@@ -132,10 +133,10 @@ def format_text(info: NetworkInfo) -> str:
         f"file:        {info.path}",
         f"name:        {info.name}",
         f"algorithm:   {', '.join(info.algorithms)}",
-        f"rank:        {_fmt_span(info.rank)}" + (" (OFT: number of blocks)" if info.block_size is not None else ""),
-        f"alpha:       {_fmt_span(info.alpha)}",
-        *([f"block size:  {_fmt_span(info.block_size)}",
-           f"constraint:  {_fmt_span(info.constraint)}" + (" (none)" if info.constraint == 0 else "")]
+        f"rank:        {format_span(info.rank)}" + (" (OFT: number of blocks)" if info.block_size is not None else ""),
+        f"alpha:       {format_span(info.alpha)}",
+        *([f"block size:  {format_span(info.block_size)}",
+           f"constraint:  {format_span(info.constraint)}" + (" (none)" if info.constraint == 0 else "")]
           if info.block_size is not None else []),
         f"arch:        {info.arch} ({info.arch_reason})",
         "modules:     " + ", ".join(f"{k} {v}" for k, v in info.modules.items())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from lib_lora.errors import LibLoraError
-from lib_lora.info import NetworkInfo
+from lib_lora.info import NetworkInfo, format_span
 from lib_lora.ui.compat import message, update
 
 
@@ -63,20 +63,13 @@ _TRAINING_KEYS = ("ss_output_name", "ss_base_model_version", "ss_sd_model_name",
                   "ss_mixed_precision", "ss_training_comment", "ss_training_started_at", "ss_training_finished_at")
 
 
-def _span(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        return f"{value['min']:g}..{value['max']:g} (mixed)"
-    return f"{value:g}"
-
-
 def info_markdown(info: NetworkInfo) -> str:
     """Everything `python -m lib_lora info` shows, as Markdown (values escaped: metadata is user data)."""
     esc = html.escape
     meta = info.metadata
     lines = [f"**{esc(info.name)}** — `{esc(info.path)}`",
-             f"- algorithm: {esc(', '.join(info.algorithms))}; rank {_span(info.rank)}, alpha {_span(info.alpha)}",
+             f"- algorithm: {esc(', '.join(info.algorithms))}; rank {format_span(info.rank)}, "
+             f"alpha {format_span(info.alpha)}",
              f"- architecture: {esc(info.arch)} ({esc(info.arch_reason)})",
              "- modules: " + esc(", ".join(f"{k} {v}" for k, v in info.modules.items())),
              f"- blocks touched: {esc(' '.join(info.blocks))}",
