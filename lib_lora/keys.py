@@ -138,9 +138,9 @@ def kohya_name(component: Component, path: str) -> str:
 # LayerNorm; the LDM code's GroupNorm32 subclasses GroupNorm). Only affine ones have a weight to change.
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
 # the role of a normalization layer, by the role its neighbours (the layers of the same part) have
-_NORM_ROLE = {"attn": "attn_norm", "resnet": "resnet_norm", "sampler": "sampler_norm", "top": "top_norm",
+NORM_ROLE = {"attn": "attn_norm", "resnet": "resnet_norm", "sampler": "sampler_norm", "top": "top_norm",
               "te_attn": "te_norm", "te_mlp": "te_norm", "te_other": "te_norm"}
-NORM_ROLES = frozenset(_NORM_ROLE.values())
+NORM_ROLES = frozenset(NORM_ROLE.values())
 
 
 def _is_affine_norm(module: nn.Module) -> bool:
@@ -185,7 +185,7 @@ def unet_targets(unet: nn.Module, arch: Arch, spelling: str, layout: UNetLayout 
             canonical = path if spelling == "diffusers" else compvis_to_diffusers(path, layout)
         role = _unet_role(loc.part)
         out.append(Target(kohya_name(Component.UNET, canonical), Component.UNET, path, module,
-                          _NORM_ROLE[role] if norm else role))
+                          NORM_ROLE[role] if norm else role))
     return out
 
 
@@ -210,7 +210,7 @@ def clip_text_targets(te: nn.Module, component: Component) -> list[Target]:
         canonical = path if path.startswith("text_model.") or path == "text_projection" else f"text_model.{path}"
         role = _te_role(canonical)
         out.append(Target(kohya_name(component, canonical), component, path, module,
-                          _NORM_ROLE[role] if norm else role))
+                          NORM_ROLE[role] if norm else role))
     return out
 
 

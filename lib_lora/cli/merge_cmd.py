@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
                                 args.dtype, args.device, args.force)
     with progress_bar(not args.no_progress, "module") as (progress, stop):
         result = merge_loras(request, progress, stop)
+    for note in result.notes:
+        print(note)
     print(f"wrote {result.output} ({request.mode}, rank {result.info.rank}, {len(result.modules)} modules, "
           f"{result.seconds:.1f} s)")
     return 0

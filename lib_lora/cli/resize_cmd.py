@@ -27,5 +27,7 @@ def run(args: argparse.Namespace) -> int:
         result = resize(request, progress, stop)
     lines = result.report().splitlines()
     print("\n".join(lines if args.verbose else lines[-1:]))
+    for note in result.notes:
+        print(note)
     print(f"wrote {result.output} ({result.info.algorithm}, rank {result.info.rank}, {result.seconds:.1f} s)")
     return 0

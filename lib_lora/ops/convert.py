@@ -10,6 +10,8 @@ Targets (`to`):
   LoHa, LoKr, Tucker LoCon and full modules become LoRA by an SVD of their real ΔW at `rule`'s rank; DoRA and
   IA3 modules, whose change depends on the weight, need the base checkpoint (`model`), from which their real
   ΔW = W' - W0 is computed.
+Normalization-layer changes (train_norm: `w_norm`/`b_norm`) are kept by 'kohya'; 'diffusers' and 'lora' have no
+form for them, so they are left out, and the result's notes and metadata say how many.
 `dtype` casts every tensor; `strip_metadata` keeps only what loaders need (network and architecture facts, the
 hashes); `set_metadata` / `drop_metadata` edit keys last. Hashes are always recomputed.
 """
@@ -39,7 +41,7 @@ from lib_lora.ops.common import (
     resolve_device,
 )
 from lib_lora.ops.linalg import RankRule
-from lib_lora.ops.modules import ModuleDelta, module_delta
+from lib_lora.ops.modules import ModuleDelta, is_norm, module_delta, norm_note
 from lib_lora.ops.output import RANKS_KEY, Source, build_metadata, lora_tensors, network_facts, rank_figures, save_lora
 from lib_lora.ops.resize import ModuleRank, reduce_module
 from lib_lora.ops.stream import TensorReader
@@ -136,14 +138,16 @@ def _diffusers_tensors(name: str, up, down, alpha: float, shape, dtype, arch) ->
             if (suffix := key[len(name) + 1:]) != "alpha"}
 
 
-def _metadata(request: ConvertRequest, net: LoadedNetwork, network: dict[str, str], results) -> dict[str, str]:
+def _metadata(request: ConvertRequest, net: LoadedNetwork, network: dict[str, str], results,
+              left_out: int) -> dict[str, str]:
     base = net.metadata
     if request.strip_metadata:
         base = {k: v for k, v in base.items() if k in LOADER_FACTS}
     meta = build_metadata(base, operation=f"convert to {request.to}",
                           comment=f"converted to {request.to}" + (f" ({request.dtype})" if request.dtype else ""),
                           params={"to": request.to, "rule": request.rule.describe() if request.rule else None,
-                                  "dtype": request.dtype, "strip_metadata": request.strip_metadata},
+                                  "dtype": request.dtype, "strip_metadata": request.strip_metadata,
+                                  **({"norm_layers_left_out": left_out} if left_out else {})},
                           sources=[Source.of(net.path)], network=network,
                           extra={RANKS_KEY: rank_figures(results)} if results else None)
     if request.strip_metadata:
@@ -169,6 +173,7 @@ def convert(request: ConvertRequest, progress: Progress | None = None,
     weights = _Weights(request.model, net) if request.model else None
     ticker = Ticker(len(net.modules), progress, should_stop)
     tensors, results, ranks, alphas, spatial = {}, {}, {}, {}, {}
+    left_out = [n for n, m in net.modules.items() if is_norm(m)] if request.to != "kohya" else []
     with torch.no_grad():
         for name in sorted(net.modules):
             module = net.modules[name]
@@ -177,6 +182,9 @@ def convert(request: ConvertRequest, progress: Progress | None = None,
                 tensors.update({f"{name}.{k}": v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
                                 for k, v in module.file_tensors().items()})
                 ticker.step(name)
+                continue
+            if name in left_out:
+                ticker.step(f"{name}: left out (no {request.to} form)")
                 continue
             if _needs_model(module):
                 if weights is None:
@@ -196,9 +204,15 @@ def convert(request: ConvertRequest, progress: Progress | None = None,
             else:
                 tensors.update(lora_tensors(name, up, down, alpha, delta.shape, dtype))
             ticker.step(name)
+    if not tensors:
+        raise ConfigError("to", request.to, f"{src} has only normalization-layer changes (train_norm), which "
+                                            f"{request.to} cannot carry: nothing would be written")
     network = network_facts(ranks, alphas, spatial) if ranks else {}
-    meta = _metadata(request, net, network, results)
+    meta = _metadata(request, net, network, results, len(left_out))
     ticker.check()
     save_lora(tensors, meta, out)
     notes = [f"{len(results)} modules turned into LoRA"] if results else []
+    if left_out:
+        notes.append(norm_note(len(left_out), f"left out: the {request.to} format has no form for them, so the "
+                                              "file no longer changes those layers"))
     return ConvertResult(str(out), results, describe(out), ticker.seconds, notes)

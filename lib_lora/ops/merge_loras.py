@@ -6,6 +6,8 @@ is Σ strengthᵢ·ΔWᵢ:
   strength times the input's alpha/rank (split as √|cᵢ| on each factor for fp16's range), alpha = total rank:
   lossless. Any ranks and alphas; LoHa and LoKr enter by their exact low-rank form (`modules`), Tucker and full
   modules cannot (use 'svd').
+Normalization-layer changes (train_norm: `w_norm`/`b_norm`, vectors) are added up at their strengths in both modes:
+that is exact.
 - 'svd': the sum truncated by a `RankRule` (fixed rank or a dynamic method), written as sd-scripts'
   svd_merge_lora writes it: up = U·S, down = Vh, alpha = rank. By default that is the best approximation of
   the sum at that rank, and when every input has a low-rank form its SVD comes from the stacked factors
@@ -41,9 +43,10 @@ from lib_lora.ops.common import (
 )
 from lib_lora.ops.inputs import LoraInput, common_arch, load_inputs
 from lib_lora.ops.linalg import RankRule
-from lib_lora.ops.modules import ModuleDelta, module_delta
+from lib_lora.ops.modules import ModuleDelta, is_norm, module_delta, norm_note, norm_tensors
 from lib_lora.ops.output import RANKS_KEY, Source, build_metadata, lora_tensors, network_facts, rank_figures, save_lora
 from lib_lora.ops.resize import ModuleRank
+from lib_lora.types import Arch
 
 MODES = ("exact", "svd")
 
@@ -99,6 +102,22 @@ def _check_shapes(name: str, terms: Sequence[_Term]) -> tuple[int, ...]:
     return max((t.delta.shape for t in terms), key=len)  # 4-D (a conv's kernel) wins over a flattened spelling
 
 
+def _norm_terms(name: str, found, arch: Arch) -> list:
+    """(module, strength) of one normalization layer's changes in the inputs that have it, strength 0 left out."""
+    for n, _ in found:
+        if not is_norm(n.modules[name]):
+            raise ShapeMismatchError(n.path or n.name, name, ("C",), ("matrix",), "another input changes this "
+                                     "normalization layer's weight and bias (train_norm); this one has a "
+                                     f"{n.modules[name].algo} module there")
+    terms = [(n.modules[name], float(app.strength_of(name, arch))) for n, app in found]
+    size = terms[0][0].w_norm.shape
+    for (module, _), (n, _) in zip(terms, found):
+        if module.w_norm.shape != size:
+            raise ShapeMismatchError(n.path or n.name, f"{name}.w_norm", tuple(size), tuple(module.w_norm.shape),
+                                     "another input has this normalization layer in another size")
+    return [(m, s) for m, s in terms if s != 0.0]
+
+
 def _exact(name: str, terms: Sequence[_Term]):
     for t in terms:
         if not t.delta.factored:
@@ -149,11 +168,19 @@ def merge_loras(request: MergeLorasRequest, progress: Progress | None = None,
     ticker = Ticker(len(names), progress, should_stop)
     dtype = DTYPES[request.dtype] if request.dtype else next(iter(next(iter(nets[0].modules.values())).parameters())
                                                               ).dtype
-    tensors, results, spatial = {}, {}, {}
+    tensors, results, spatial, norms = {}, {}, {}, 0
     with torch.no_grad():
         for name in names:
+            found = [(n, app) for n, app in zip(nets, apps) if name in n.modules]
+            if any(is_norm(n.modules[name]) for n, _ in found):  # vectors: they add up exactly, in either mode
+                norm_terms = _norm_terms(name, found, arch)
+                if norm_terms:
+                    tensors.update(norm_tensors(name, norm_terms, dtype))
+                    norms += 1
+                ticker.step(name)
+                continue
             terms = [_Term(module_delta(name, n.modules[name], arch), app.strength_of(name, arch), n.path or n.name)
-                     for n, app in zip(nets, apps) if name in n.modules]
+                     for n, app in found]
             terms = [t for t in terms if t.strength != 0.0]
             if terms:
                 shape = _check_shapes(name, terms)
@@ -181,5 +208,6 @@ def merge_loras(request: MergeLorasRequest, progress: Progress | None = None,
                           extra={k: v for k, v in extra.items() if v} | {"modelspec.title": out.stem})
     ticker.check()
     save_lora(tensors, meta, out)
-    return MergeResult(str(out), results, describe(out), ticker.seconds)
+    notes = [norm_note(norms, "added up at their strengths")] if norms else []
+    return MergeResult(str(out), results, describe(out), ticker.seconds, notes)
 

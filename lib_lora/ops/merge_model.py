@@ -6,10 +6,11 @@ the next tensor is read and the last one hashed and written by worker threads wh
 
 The math is WeightPatcher's, call for call: the weight in float32, each LoRA of the stack applied in order with
 `NetworkModule.merged` at its strength (te/unet, lbw block weights), fused q/k/v row blocks each on its own rows,
-the bias changed where an algorithm carries one, cast back to the tensor's dtype (or the one asked for). A
-float32 merge therefore equals what WeightPatcher writes into the loaded model, bit for bit. Everything that can
-be checked is checked before the output is opened (architecture, module names, shapes, NaN in the LoRAs); the
-checkpoint's own tensors are checked as they stream, and any error or cancel leaves no output file.
+the bias changed where an algorithm carries one (train_norm layers: a norm's weight and bias), cast back to the
+tensor's dtype (or the one asked for). A float32 merge therefore equals what WeightPatcher writes into the loaded
+model, bit for bit. Everything that can be checked is checked before the output is opened (architecture, module
+names, shapes, NaN in the LoRAs); the checkpoint's own tensors are checked as they stream, and any error or cancel
+leaves no output file.
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def merge_into_model(request: MergeModelRequest, progress: Progress | None = Non
         arch = detect_arch(shapes)
     except KeyMapError as exc:
         raise FileFormatError(model, str(exc)) from None
-    plan = _plan(request, checkpoint_targets(shapes, arch), arch, model)
+    plan = _plan(request, checkpoint_targets(shapes, arch, norms=True), arch, model)
     order = reader.names()
     entries = [Entry(k, _out_dtype(reader.dtype(k), wanted), shapes[k]) for k in order]
     ticker = Ticker(len(order), progress, should_stop)

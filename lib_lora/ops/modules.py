@@ -9,11 +9,13 @@ from the module when its tensors carry the kernel, else from the model's weights
 U-Net's layer names (3x3 convolutions are the ResNet convs, samplers and
 conv_in/conv_out; proj_in/proj_out are 1x1 convs in SD1 and linear in SD2/SDXL; shortcuts are 1x1).
 IA3 and DoRA change the weight depending on its values, so they have no ΔW without the model.
+Normalization-layer changes (`train_norm`: `w_norm`/`b_norm`) are vectors, not low-rank products: the tools carry
+them as they are, or add them up at their strengths (`norm_tensors`).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from lib_lora.networks.full import FullModule
 from lib_lora.networks.loha import LoHaModule
 from lib_lora.networks.lokr import LoKrModule
 from lib_lora.networks.lora import LoRAModule
+from lib_lora.networks.norm import NormModule
 from lib_lora.types import Arch, Component
 
 _CONV3_LEAVES = ("conv1", "conv2", "conv", "op", "in_layers.2", "out_layers.3")
@@ -156,3 +159,24 @@ def module_delta(name: str, module: NetworkModule, arch: Arch,
     if factors is not None and factors[1].shape[0] < min(shape[0], math.prod(shape[1:])):
         return ModuleDelta(name, shape, module, factors[0], factors[1], module.scale)
     return ModuleDelta(name, shape, module)
+
+
+def is_norm(module: NetworkModule) -> bool:
+    """A normalization layer's change (`w_norm`/`b_norm`): no ΔW matrix, no rank."""
+    return isinstance(module, NormModule)
+
+
+def norm_tensors(name: str, terms: Sequence[tuple[NormModule, float]], dtype: torch.dtype) -> dict[str, Tensor]:
+    """`w_norm`/`b_norm` of normalization-layer changes added up at their strengths: the layer's weight becomes
+    W + Σ sᵢ·w_normᵢ and its bias b + Σ sᵢ·b_normᵢ (a missing b_norm counts as zero; none at all: none written)."""
+    w = sum(m.w_norm.detach().to(torch.float32) * s for m, s in terms)
+    biases = [(m.b_norm, s) for m, s in terms if m.b_norm is not None]
+    out = {f"{name}.w_norm": w.to("cpu", dtype).contiguous()}
+    if biases:
+        b = sum(t.detach().to(torch.float32) * s for t, s in biases)
+        out[f"{name}.b_norm"] = b.to("cpu", dtype).contiguous()
+    return out
+
+
+def norm_note(count: int, what: str) -> str:
+    return f"{count} normalization-layer changes (train_norm: w_norm/b_norm) {what}"

@@ -33,7 +33,7 @@ from lib_lora.ops.common import (
     resolve_device,
 )
 from lib_lora.ops.linalg import RankRule
-from lib_lora.ops.modules import ModuleDelta, module_delta
+from lib_lora.ops.modules import ModuleDelta, is_norm, module_delta, norm_note, norm_tensors
 from lib_lora.ops.output import RANKS_KEY, Source, build_metadata, lora_tensors, network_facts, rank_figures, save_lora
 
 
@@ -78,6 +78,7 @@ class ResizeResult:
     modules: dict[str, ModuleRank]
     info: NetworkInfo
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
     @property
     def mean_fro_kept(self) -> float:
@@ -127,10 +128,16 @@ def resize(request: ResizeRequest, progress: Progress | None = None,
     tensors: dict[str, torch.Tensor] = {}
     results: dict[str, ModuleRank] = {}
     spatial: dict[str, bool] = {}
+    norms = 0
     with torch.no_grad():
         for name in sorted(net.modules):
             module = net.modules[name]
             dtype = DTYPES[request.dtype] if request.dtype else next(iter(module.parameters())).dtype
+            if is_norm(module):  # a vector per layer: nothing to resize
+                tensors.update(norm_tensors(name, [(module, 1.0)], dtype))
+                norms += 1
+                ticker.step(name)
+                continue
             dora = module.dora_scale
             if dora is not None:
                 module.dora_scale = None  # ΔW's factors are resized; the magnitude vector is kept as it is
@@ -144,6 +151,8 @@ def resize(request: ResizeRequest, progress: Progress | None = None,
             if dora is not None:
                 tensors[f"{name}.dora_scale"] = dora.detach().to("cpu", dtype).contiguous()
             ticker.step(name)
+    if not results:
+        raise ConfigError("input", src, "has only normalization-layer changes (train_norm): nothing has a rank")
     ranks = {n: r.rank for n, r in results.items()}
     network = network_facts(ranks, {n: r.alpha for n, r in results.items()}, spatial)
     if request.rule.dynamic:
@@ -159,7 +168,8 @@ def resize(request: ResizeRequest, progress: Progress | None = None,
                           extra={RANKS_KEY: rank_figures(results)})
     ticker.check()
     save_lora(tensors, meta, out)
-    return ResizeResult(str(out), results, describe(out), ticker.seconds)
+    notes = [norm_note(norms, "kept as they are")] if norms else []
+    return ResizeResult(str(out), results, describe(out), ticker.seconds, notes)
 
 
 def resize_path_default(input_path: str, rule: RankRule) -> str:

@@ -31,18 +31,21 @@ def _model_targets(model, arch: Arch):
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_merge_into_model_equals_weight_patcher_bit_for_bit(arch, tiny_checkpoints, tmp_path):
-    """Two LoRAs (LoRA/LoCon with te/unet strengths and block weights, LoHa at a negative strength) merged into
-    an fp32 file, loaded back, equal the same stack WeightPatcher merges into the loaded model (SD2 and SDXL: the
-    OpenCLIP q/k/v are row blocks of one fused tensor in the file)."""
+    """Two LoRAs (LoRA/LoCon and train_norm layers with te/unet strengths and block weights, LoHa at a negative
+    strength) merged into an fp32 file, loaded back, equal the same stack WeightPatcher merges into the loaded model
+    (SD2 and SDXL: the OpenCLIP q/k/v are row blocks of one fused tensor in the file)."""
     from lib_lora.io import save_file
 
     a = Arch(arch)
     src = tiny_checkpoints[arch]
     model = load_checkpoint(src, compute_hash=False)
     targets = _model_targets(model, a)
-    # train_norm layers (w_norm/b_norm) are not merged into checkpoints yet
     chosen = [t for t in targets.targets.values() if t.role != "te_other" and t.role not in NORM_ROLES]
-    save_file(make_network_file(chosen, "lora", 4, 1), tmp_path / "a.safetensors")
+    norms = [t for t in targets.targets.values() if t.role in NORM_ROLES]
+    g = torch.Generator().manual_seed(2)
+    norm_tensors = {f"{t.name}.{part}": torch.randn(t.shape[0], generator=g) * 0.1 for t in norms
+                    for part in ("w_norm", "b_norm")}  # train_norm layers: their weight and bias change
+    save_file({**make_network_file(chosen, "lora", 4, 1), **norm_tensors}, tmp_path / "a.safetensors")
     save_file(make_network_file([t for t in chosen if t.role in ("attn", "te_attn")], "loha", 2, 2),
               tmp_path / "b.safetensors")
     loras = (LoraInput(str(tmp_path / "a.safetensors"), 0.7, 0.9, "OUTALL"), LoraInput(str(tmp_path / "b.safetensors"),

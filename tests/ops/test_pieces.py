@@ -116,16 +116,19 @@ def test_stream_writer_refuses_what_it_did_not_declare(tmp_path):
 
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
 def test_checkpoint_targets_are_the_loaded_models_targets(arch, tiny_checkpoints):
-    """Names and shapes from the file's keys alone equal those keys.py gives the loaded model's modules (SDXL's
-    text_projection aside: no LoRA trainer targets it)."""
+    """Names, shapes and roles from the file's keys alone equal those keys.py gives the loaded model's modules,
+    norm layers only when asked (SDXL's text_projection aside: no LoRA trainer targets it)."""
     from lib_lora.sd.checkpoint import load_checkpoint
 
     with TensorReader(tiny_checkpoints[arch]) as reader:
         found = checkpoint_targets(reader.shapes(), Arch(arch))
+        with_norms = checkpoint_targets(reader.shapes(), Arch(arch), norms=True)
     model = load_checkpoint(tiny_checkpoints[arch], compute_hash=False)
-    expected = {t.name: tuple(t.shape) for t in targets_of(model, Arch(arch)).targets.values()
-                if t.role != "te_other" and t.role not in NORM_ROLES}  # norm layers: not covered yet
-    assert {n: t.shape for n, t in found.items()} == expected
+    loaded = [t for t in targets_of(model, Arch(arch)).targets.values() if t.role != "te_other"]
+    assert {n: t.shape for n, t in found.items()} == {t.name: tuple(t.shape) for t in loaded
+                                                      if t.role not in NORM_ROLES}
+    assert {n: (t.shape, t.role) for n, t in with_norms.items()} == {t.name: (tuple(t.shape), t.role) for t in loaded}
+    assert any(t.role in NORM_ROLES for t in with_norms.values())
 
 
 def test_lora_input_reads_the_prompt_syntax():
