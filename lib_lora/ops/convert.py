@@ -173,7 +173,7 @@ def convert(request: ConvertRequest, progress: Progress | None = None,
     weights = _Weights(request.model, net) if request.model else None
     ticker = Ticker(len(net.modules), progress, should_stop)
     tensors, results, ranks, alphas, spatial = {}, {}, {}, {}, {}
-    left_out = [n for n, m in net.modules.items() if is_norm(m)] if request.to != "kohya" else []
+    left_out = {n for n, m in net.modules.items() if is_norm(m)} if request.to != "kohya" else set()
     with torch.no_grad():
         for name in sorted(net.modules):
             module = net.modules[name]
