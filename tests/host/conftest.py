@@ -10,6 +10,8 @@ import base64
 import io
 import json
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +84,25 @@ class Txt2Img:
 def artifact(name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS / name
+
+
+def run_state(server, run_id: int) -> dict:
+    """A training run as the extension's API route reports it."""
+    return server.get(f"/lora-studio/v1/train?run={run_id}")["run"]
+
+
+def wait_for(server, run_id: int, test: Callable[[dict], bool], what: str, timeout: float,
+             on_poll: Callable[[], None] | None = None) -> dict:
+    """Poll run `run_id` until `test(run)`; a failed/diverged/cancelled run, or `timeout` seconds, fail the test
+    (with the run's log). `on_poll` runs at every poll (e.g. to sample the server's memory)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = run_state(server, run_id)
+        if on_poll is not None:
+            on_poll()
+        if test(run):
+            return run
+        if run["status"] in ("failed", "diverged", "cancelled"):
+            raise AssertionError(f"run #{run_id} {run['status']}: {run['error']}\n" + "\n".join(run["log"]))
+        time.sleep(0.5)
+    raise AssertionError(f"run #{run_id} not {what} after {timeout} s: {run_state(server, run_id)}")

@@ -11,7 +11,6 @@ and through the extension's API route (`/lora-studio/v1/train`):
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 from lib_lora.sd.sample_dataset import write_sample_dataset
 from lib_lora.train.checkpoint import STATE_FILE
 from tests.host.conftest import artifact, diff
+from tests.host.conftest import wait_for as host_wait_for
 
 RUN_TIMEOUT = 900
 OPTIONS = {"resolution": "64", "train_batch_size": 2, "learning_rate": 1e-3, "network_dim": 4, "network_alpha": 4,
@@ -39,20 +39,8 @@ def baseline(txt2img):
     return plain, with_lora
 
 
-def run_state(server, run_id: int) -> dict:
-    return server.get(f"/lora-studio/v1/train?run={run_id}")["run"]
-
-
 def wait_for(server, run_id: int, test, what: str, timeout: float = RUN_TIMEOUT) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = run_state(server, run_id)
-        if test(run):
-            return run
-        if run["status"] in ("failed", "diverged", "cancelled"):
-            raise AssertionError(f"run #{run_id} {run['status']}: {run['error']}\n" + "\n".join(run["log"]))
-        time.sleep(0.5)
-    raise AssertionError(f"run #{run_id} not {what} after {timeout} s: {run_state(server, run_id)}")
+    return host_wait_for(server, run_id, test, what, timeout)
 
 
 def test_the_tab_is_in_the_page_and_trains(a1111, dataset):

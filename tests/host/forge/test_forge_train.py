@@ -20,6 +20,7 @@ from PIL import Image
 from lib_lora.sd.sample_dataset import write_sample_dataset
 from lib_lora.train.checkpoint import STATE_FILE
 from tests.host.conftest import artifact, diff
+from tests.host.conftest import wait_for as host_wait_for
 from tests.host.forge.conftest import cli_generate
 
 RUN_TIMEOUT = 1200
@@ -50,22 +51,9 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_state(server, run_id: int) -> dict:
-    return server.get(f"/lora-studio/v1/train?run={run_id}")["run"]
-
-
 def wait_for(server, run_id: int, test, what: str, timeout: float = RUN_TIMEOUT, memory: list | None = None) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = run_state(server, run_id)
-        if memory is not None:
-            memory.append(rss_mb(server.proc.pid))
-        if test(run):
-            return run
-        if run["status"] in ("failed", "diverged", "cancelled"):
-            raise AssertionError(f"run #{run_id} {run['status']}: {run['error']}\n" + "\n".join(run["log"]))
-        time.sleep(0.5)
-    raise AssertionError(f"run #{run_id} not {what} after {timeout} s: {run_state(server, run_id)}")
+    sample = None if memory is None else (lambda: memory.append(rss_mb(server.proc.pid)))
+    return host_wait_for(server, run_id, test, what, timeout, sample)
 
 
 def test_a_run_trains_the_loaded_model_and_gives_it_back(forge, txt2img, dataset, baseline, tmp_path):
